@@ -1,0 +1,7 @@
+"""LightningModules, one per adaptation method, sharing :class:`SegmentationModule`."""
+
+from segtune.methods.base import SegmentationModule
+from segtune.methods.baseline import FullFinetune
+from segtune.methods.lora import LoRA
+
+__all__ = ["FullFinetune", "LoRA", "SegmentationModule"]

@@ -1,0 +1,226 @@
+"""The LightningModule every adaptation method shares: step, loss, metrics, optimiser, checkpoints.
+
+A method (full fine-tune, LoRA, QLoRA) subclasses it and overrides :meth:`load` and/or
+:meth:`adapt` only: what differs is how the model is built, never how it is trained or scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from transformers import PreTrainedModel
+
+from segtune.data.batch import Batch
+from segtune.data.preprocessing import Preprocessing, logits_to_original
+from segtune.loss import SamLoss
+from segtune.metrics import filled_boxes, segmentation_metrics
+from segtune.models.loading import load_model
+from segtune.models.sanitise import Sanitiser
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationModule(LightningModule):
+    """Fine-tunes a SAM-family model on prompted instance masks.
+
+    Args:
+        model: preset name (``segtune models`` lists them), local folder or hub id.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        scheduler: ``"cosine"`` decays to 0 over the run; ``"constant"`` keeps ``lr``.
+        multimask_output: predict 3 masks per prompt and train the best one (SAM's ambiguity
+            handling); evaluation then keeps the mask with the highest predicted IoU.
+        mask_loss: ``"focal"`` (SAM) or ``"bce"``.
+        mask_weight: weight of the focal/BCE term (SAM: 20).
+        dice_weight: weight of the Dice term (SAM: 1).
+        iou_weight: weight of the IoU-head MSE (SAM: 1).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
+    trainable_only_checkpoint: bool = False
+
+    def __init__(
+        self,
+        model: str = "sam-tiny",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        multimask_output: bool = False,
+        mask_loss: Literal["focal", "bce"] = "focal",
+        mask_weight: float = 20.0,
+        dice_weight: float = 1.0,
+        iou_weight: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_name = model
+        self.loss = SamLoss(mask_loss, mask_weight, dice_weight, iou_weight)
+        self.model: nn.Module | None = None
+        self.preprocessing: Preprocessing | None = None
+        self.class_names: list[str] = []
+        if self.trainable_only_checkpoint:
+            self.strict_loading = False  # frozen weights are rebuilt, not loaded: checked in on_load_checkpoint
+
+    # --- what a method overrides -------------------------------------------------------------
+    def load(self) -> tuple[PreTrainedModel, Preprocessing, str]:
+        """Load the pretrained model; returns it, its preprocessing and its default LoRA targets."""
+        return load_model(self.model_name)
+
+    def adapt(self, model: PreTrainedModel, lora_targets: str) -> nn.Module:
+        """Freeze, wrap or quantise ``model`` for the method. The base trains everything."""
+        return model
+
+    # --- building ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the model once, before the Trainer restores a checkpoint into it."""
+        if self.model is not None:
+            return
+        model, self.preprocessing, targets = self.load()
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = self.adapt(model, targets)
+        self.sanitise = Sanitiser(self.model)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "%s %s: %s trainable of %s parameters (%.2f%%)",
+            type(self).__name__, self.model_name, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+        )  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
+        metrics = segmentation_metrics(self.class_names)
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.val_box_metrics = metrics.clone(prefix="val_box_")
+        self.test_metrics = metrics.clone(prefix="test_")
+        self.test_box_metrics = metrics.clone(prefix="test_box_")
+
+    # --- the step --------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Any:
+        """Run the model on the inputs its ``forward`` declares; the rest of ``batch`` is metadata."""
+        inputs = self.sanitise(batch)
+        inputs["multimask_output"] = self.hparams.multimask_output
+        return self.model(**inputs)
+
+    def _loss(self, out: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.loss(out.pred_masks, out.iou_scores, batch["low_res_masks"], batch["prompt_valid"])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        losses = self._loss(self(batch), batch)
+        n = len(batch["image_ids"])
+        self.log("train_loss", losses["loss"], prog_bar=True, batch_size=n)
+        self.log_dict({f"train_loss/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
+        return losses["loss"]
+
+    def _evaluate(self, batch: Batch, stage: str) -> None:
+        out = self(batch)
+        n = len(batch["image_ids"])
+        self.log(f"{stage}_loss", self._loss(out, batch)["loss"], batch_size=n, sync_dist=True)
+        metrics = getattr(self, f"{stage}_metrics")
+        box_metrics = getattr(self, f"{stage}_box_metrics")
+        for i, masks in enumerate(self.masks_at_original_size(out, batch)):
+            target = batch["masks"][i]
+            classes = batch["category_ids"][i, : len(target)]
+            metrics.update(masks, target, classes)
+            size = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
+            box_metrics.update(filled_boxes(batch["boxes"][i, : len(target)], size), target, classes)
+
+    def _log_metrics(self, stage: str) -> None:
+        for name in (f"{stage}_metrics", f"{stage}_box_metrics"):
+            collection = getattr(self, name)
+            self.log_dict(collection.compute(), prog_bar=name == f"{stage}_metrics")
+            collection.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        out = self(batch)
+        scores = self._best_mask(out)[1]
+        return [
+            {
+                "image_id": batch["image_ids"][i],
+                "file_name": batch["file_names"][i],
+                "masks": masks.cpu(),
+                "scores": scores[i, : len(masks)].float().cpu(),
+                "category_ids": batch["category_ids"][i, : len(masks)].cpu(),
+            }
+            for i, masks in enumerate(self.masks_at_original_size(out, batch))
+        ]
+
+    # --- post-processing ---------------------------------------------------------------------
+    def _best_mask(self, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, N, h, w]`` logits and ``[B, N]`` scores: of several masks, the highest predicted IoU."""
+        scores, best = out.iou_scores.max(dim=2)
+        index = best[:, :, None, None, None].expand(-1, -1, 1, *out.pred_masks.shape[-2:])
+        return out.pred_masks.gather(2, index)[:, :, 0], scores
+
+    def masks_at_original_size(self, out: Any, batch: Batch) -> list[torch.Tensor]:
+        """Thresholded ``[N_i, H_i, W_i]`` bool masks at each image's original resolution."""
+        logits = self._best_mask(out)[0]
+        masks = []
+        for i, target in enumerate(batch["masks"]):
+            resized = (int(batch["reshaped_sizes"][i, 0]), int(batch["reshaped_sizes"][i, 1]))
+            original = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
+            masks.append(logits_to_original(logits[i, : len(target)], self.preprocessing, resized, original) > 0)
+        return masks
+
+    # --- optimiser and checkpoints ---------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "constant" and not self.hparams.warmup_steps:
+            return optimizer
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = self.hparams.warmup_steps
+        cosine = self.hparams.scheduler == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trainable_only_checkpoint:
+            keep = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        if not self.trainable_only_checkpoint:
+            return
+        own = self.state_dict()
+        unexpected = sorted(set(checkpoint["state_dict"]) - set(own))
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if unexpected or missing:
+            raise ValueError(
+                f"checkpoint does not match {type(self).__name__}({self.model_name!r}): "
+                f"{len(missing)} trainable weights missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )

@@ -1,0 +1,1 @@
+"""Pure torch / HF / PEFT model building: no Lightning here."""

@@ -6,6 +6,8 @@ addition to plain LightningCLI is the link that gives the data the model's prepr
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -15,11 +17,16 @@ from segtune.methods.base import SegmentationModule
 from segtune.models.loading import preprocessing_for
 
 
+def _preprocessing_dict(model: str) -> dict:
+    # A dict, not the dataclass: jsonargparse validates it into ``Preprocessing`` and can serialise it.
+    return asdict(preprocessing_for(model))
+
+
 class SegtuneCLI(LightningCLI):
     """LightningCLI with the model -> data preprocessing link."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.init_args.model", "data.init_args.preprocessing", compute_fn=preprocessing_for)
+        parser.link_arguments("model.init_args.model", "data.init_args.preprocessing", compute_fn=_preprocessing_dict)
 
 
 def trainer_defaults() -> dict:

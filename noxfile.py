@@ -1,0 +1,49 @@
+"""Set-up and checks: `nox -s tests`, `nox -s lint`, `nox -s quickstart`.
+
+CPU sessions install with constraints-cpu.txt so pip takes the CPU build of torch instead of the
+CUDA one; set SEGTUNE_NO_CPU_PIN=1 on a GPU machine to keep the default torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+ROOT = Path(__file__).parent
+
+
+def _install(session: nox.Session, *extras: str) -> None:
+    target = f".[{','.join(extras)}]" if extras else "."
+    constraints = [] if os.environ.get("SEGTUNE_NO_CPU_PIN") else ["-c", str(ROOT / "constraints-cpu.txt")]
+    session.install(*constraints, "-e", target)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (CPU only; real-data tests skip when ../shared/data is absent)."""
+    _install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def quickstart(session: nox.Session) -> None:
+    """Fit the quickstart (synthetic data, tiny SAM, LoRA), then test its best checkpoint."""
+    _install(session)
+    session.run("segtune", "fit", "--config", "configs/quickstart.yaml")
+    runs = sorted((ROOT / "runs" / "quickstart").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    best = sorted(runs[-1].glob("checkpoints/best-*.ckpt"))
+    if not best:
+        session.error(f"no best checkpoint in {runs[-1]}")
+    session.run("segtune", "test", "--config", "configs/quickstart.yaml", "--ckpt_path", str(best[-1]))

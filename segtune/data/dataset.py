@@ -1,0 +1,137 @@
+"""A torch Dataset over image records: decode, augment, make prompts, preprocess."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from segtune.data.batch import Sample
+from segtune.data.coco import ImageRecord, annotation_mask
+from segtune.data.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
+from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
+
+log = logging.getLogger(__name__)
+
+
+def read_rgb(path) -> np.ndarray:
+    """Read an image file as ``[H, W, 3]`` uint8, with a one-line error naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+class InstanceDataset(Dataset):
+    """Images with instance masks, one :class:`Sample` per image.
+
+    Args:
+        records: images and their annotations.
+        coco: the parsed json the annotations come from (decodes polygons and RLE).
+        class_names: class index ``i`` is ``class_names[i]``.
+        pre: the model's preprocessing.
+        prompts: how instances become prompts.
+        train: sample instances, jitter boxes, augment; otherwise every instance, deterministic.
+        augment: albumentations transforms applied to image and masks together (train only).
+        seed: seeds the deterministic evaluation prompts.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        coco: COCO,
+        class_names: Sequence[str],
+        pre: Preprocessing,
+        prompts: PromptConfig,
+        train: bool = False,
+        augment: A.Compose | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.records = list(records)
+        self.coco = coco
+        names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+        self.class_index = {cid: class_names.index(n) for cid, n in names.items() if n in class_names}
+        self.pre = pre
+        self.prompts = prompts
+        self.train = train
+        self.augment = augment if train else None
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _rng(self, record: ImageRecord) -> np.random.Generator:
+        if self.train:  # follows torch's seeding, so Lightning's seed_everything and worker seeds apply
+            return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+        return np.random.default_rng([self.seed, record.image_id])
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        image = read_rgb(record.path)
+        if image.shape[:2] != (record.height, record.width):
+            raise ValueError(
+                f"{record.path}: image is {image.shape[1]}x{image.shape[0]} but the json says "
+                f"{record.width}x{record.height}"
+            )
+        masks = [annotation_mask(self.coco, a) for a in record.annotations]
+        classes = [self.class_index[a["category_id"]] for a in record.annotations]
+        if self.augment is not None and masks:
+            out = self.augment(image=image, masks=masks)
+            kept = [i for i, m in enumerate(out["masks"]) if np.asarray(m).any()]
+            if kept:  # an augmentation that crops every instance away keeps the original
+                image = out["image"]
+                masks = [np.asarray(out["masks"][i]).astype(bool) for i in kept]
+                classes = [classes[i] for i in kept]
+        keep = [i for i, m in enumerate(masks) if m.any()]
+        rng = self._rng(record)
+        if self.train and len(keep) > self.prompts.max_instances:
+            keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
+        masks = [masks[i] for i in keep]
+        classes = [classes[i] for i in keep]
+        return self.make_sample(image, masks, classes, record, rng)
+
+    def make_sample(
+        self,
+        image: np.ndarray,
+        masks: list[np.ndarray],
+        classes: list[int],
+        record: ImageRecord,
+        rng: np.random.Generator,
+    ) -> Sample:
+        """Build prompts from ``masks`` and put image, prompts and targets in the model frame."""
+        size = image.shape[:2]
+        pixel_values, reshaped = preprocess_image(image, self.pre)
+        mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *size, dtype=torch.bool)
+        boxes = np.stack([mask_to_box(m) for m in masks]) if masks else np.zeros((0, 4), np.float32)
+        sample: Sample = {
+            "pixel_values": pixel_values,
+            "boxes": torch.from_numpy(boxes),
+            "low_res_masks": masks_to_low_res(mask_t, self.pre, reshaped),
+            "masks": mask_t,
+            "category_ids": torch.tensor(classes, dtype=torch.long),
+            "original_size": (int(size[0]), int(size[1])),
+            "reshaped_size": reshaped,
+            "image_id": record.image_id,
+            "file_name": record.path.name,
+        }
+        if self.prompts.uses_boxes:
+            prompt_boxes = boxes
+            if self.train:
+                prompt_boxes = np.stack([jitter_box(b, self.prompts.box_jitter, size, rng) for b in boxes]) if masks else boxes
+            sample["input_boxes"] = scale_coords(torch.from_numpy(prompt_boxes), size, reshaped)
+        if self.prompts.uses_points:
+            pts, labels = zip(*(sample_points(m, b, self.prompts.positive_points, self.prompts.negative_points, rng) for m, b in zip(masks, boxes))) if masks else ((), ())
+            n_points = self.prompts.positive_points + self.prompts.negative_points
+            pts_t = torch.from_numpy(np.stack(pts)) if masks else torch.zeros(0, n_points, 2)
+            sample["input_points"] = scale_coords(pts_t, size, reshaped)
+            sample["input_labels"] = torch.from_numpy(np.stack(labels)) if masks else torch.zeros(0, n_points, dtype=torch.long)
+        return sample

@@ -1,0 +1,85 @@
+"""Prompts made from ground-truth masks: boxes with jitter, positive and negative points."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What prompt each instance gets.
+
+    Args:
+        kind: ``"box"``, ``"points"``, or ``"box+points"``.
+        box_jitter: largest shift of each box side during training, as a fraction of the box's width
+            or height (0 disables). Validation and test boxes are never jittered.
+        positive_points: points sampled inside the mask.
+        negative_points: points sampled outside the mask, inside the box grown by 10 %.
+        max_instances: prompts per image in a training step (instances are sampled); validation and
+            test use every instance.
+    """
+
+    kind: Literal["box", "points", "box+points"] = "box"
+    box_jitter: float = 0.05
+    positive_points: int = 1
+    negative_points: int = 0
+    max_instances: int = 8
+
+    @property
+    def uses_boxes(self) -> bool:
+        return self.kind in ("box", "box+points")
+
+    @property
+    def uses_points(self) -> bool:
+        return self.kind in ("points", "box+points")
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """Tight ``xyxy`` box of a ``[H, W]`` mask; the far edges are exclusive (pixel ``x1 - 1`` is inside)."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+
+
+def jitter_box(box: np.ndarray, fraction: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Move each side of ``box`` by up to ``fraction`` of the box size, kept inside the image."""
+    if fraction <= 0:
+        return box
+    w, h = box[2] - box[0], box[3] - box[1]
+    noise = rng.uniform(-fraction, fraction, size=4) * np.array([w, h, w, h])
+    out = box + noise
+    out[[0, 2]] = np.clip(out[[0, 2]], 0, size[1])
+    out[[1, 3]] = np.clip(out[[1, 3]], 0, size[0])
+    if out[2] - out[0] < 1 or out[3] - out[1] < 1:
+        return box
+    return out.astype(np.float32)
+
+
+def sample_points(
+    mask: np.ndarray, box: np.ndarray, positive: int, negative: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``positive`` points inside ``mask`` and ``negative`` outside it near the box.
+
+    Returns:
+        ``[P, 2]`` xy points (pixel centres) and ``[P]`` labels (1 inside, 0 outside).
+    """
+    ys, xs = np.nonzero(mask)
+    pick = rng.integers(0, len(xs), size=positive)
+    points = [np.stack([xs[pick], ys[pick]], axis=1)]
+    labels = [np.ones(positive, dtype=np.int64)]
+    if negative:
+        h, w = mask.shape
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        x0, x1 = int(max(0, box[0] - 0.1 * bw)), int(min(w, box[2] + 0.1 * bw))
+        y0, y1 = int(max(0, box[1] - 0.1 * bh)), int(min(h, box[3] + 0.1 * bh))
+        ny, nx = np.nonzero(~mask[y0:y1, x0:x1])
+        if len(nx) == 0:  # the mask fills its surroundings: fall back to anywhere outside it
+            ny, nx = np.nonzero(~mask)
+            y0 = x0 = 0
+        pick = rng.integers(0, len(nx), size=negative) if len(nx) else np.zeros(negative, dtype=int)
+        neg = np.stack([nx[pick] + x0, ny[pick] + y0], axis=1) if len(nx) else np.zeros((negative, 2))
+        points.append(neg)
+        labels.append(np.zeros(negative, dtype=np.int64))
+    return np.concatenate(points).astype(np.float32) + 0.5, np.concatenate(labels)

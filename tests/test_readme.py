@@ -1,0 +1,82 @@
+"""The README's commands work: set-up lines match CI and nox, every segtune line runs."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+BASH_LINES = [
+    line.split("  #")[0].strip()
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    for line in block.splitlines()
+    if line.strip() and not line.startswith("#")
+]
+SEGTUNE_LINES = [line for line in BASH_LINES if line.startswith("segtune ")]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    ci_lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    assert ci_lines == ["python3 -m pip install nox && nox -s tests"]
+    assert ci_lines[0] in BASH_LINES
+
+
+def test_nox_sessions_named_in_readme_exist() -> None:
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    sessions = {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and any("session" in ast.unparse(d) for d in f.decorator_list)}
+    named = {m for line in BASH_LINES for m in re.findall(r"nox -s (\w+)", line)}
+    assert named and named <= sessions
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import os
+
+    from segtune.cli import main
+
+    cwd = tmp_path_factory.mktemp("readme_fit")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--data.init_args.root", str(shapes_root),
+              "--trainer.max_epochs", "1"])  # fmt: skip
+    finally:
+        os.chdir(old)
+    return next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+
+
+@pytest.mark.parametrize("line", SEGTUNE_LINES)
+def test_segtune_command_runs(line: str, run_cli, checkpoint: Path, shapes_root: Path, monkeypatch) -> None:
+    args = shlex.split(line)[1:]
+    args = [str(checkpoint) if a in ("CKPT", "<best") else a for a in args]
+    if "<best" in line:  # "<best checkpoint printed by fit>"
+        args = args[: args.index(str(checkpoint)) + 1]
+    args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+    args = [str(shapes_root) if a == "/path/to/export" else a for a in args]
+    if "--print_config" in args:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(*args)
+        assert exit_info.value.code == 0
+        return
+    if "--data.init_args.root" not in args:
+        args += ["--data.init_args.root", str(shapes_root)]
+    if args[0] == "fit":
+        args += ["--trainer.fast_dev_run", "true"]
+    args = ["sam-tiny" if a == "sam-vit-base" else a for a in args]  # no hub download here
+    run_cli(*args)
+
+
+def test_own_data_config_snippet_runs(run_cli, shapes_root: Path, tmp_path: Path) -> None:
+    snippet = re.search(r"```yaml\n(# configs/my_data.yaml\n.*?)```", README, flags=re.S).group(1)
+    assert "/path/to/my-roboflow-export" in snippet and "model: sam-vit-base" in snippet
+    config = tmp_path / "my_data.yaml"
+    config.write_text(
+        snippet.replace("/path/to/my-roboflow-export", str(shapes_root)).replace("model: sam-vit-base", "model: sam-tiny")
+    )
+    run_cli("fit", "--config", config, "--trainer.fast_dev_run", "true")

@@ -33,10 +33,16 @@ def trainer_defaults() -> dict:
     """Runs land in ``runs/<name>/version_N/``; best (highest ``val_dice``) and last checkpoints."""
     return {
         "default_root_dir": "runs",
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "segtune"}},
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": "runs", "name": "segtune"},
+        },
         "callbacks": [
             ModelCheckpoint(
-                monitor="val_dice", mode="max", save_last=True, auto_insert_metric_name=False,
+                monitor="val_dice",
+                mode="max",
+                save_last=True,
+                auto_insert_metric_name=False,
                 filename="best-epoch{epoch:02d}-val_dice{val_dice:.4f}",
             ),  # fmt: skip
             ReportBestCheckpoint(),

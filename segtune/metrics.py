@@ -86,5 +86,8 @@ def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     xs = torch.arange(w, device=boxes.device)[None, None, :]
     b = boxes.round().long()
     return (
-        (xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None]) & (ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None])
+        (xs >= b[:, 0, None, None])
+        & (xs < b[:, 2, None, None])
+        & (ys >= b[:, 1, None, None])
+        & (ys < b[:, 3, None, None])
     )

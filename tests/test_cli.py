@@ -67,7 +67,7 @@ def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.
     assert (run / "config.yaml").is_file()
     best = sorted((run / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
-    assert f"Best checkpoint (val_dice=" in capsys.readouterr().out
+    assert "Best checkpoint (val_dice=" in capsys.readouterr().out
     fit_metrics = _metrics(run)
     for key in ("val_dice", "val_iou", "val_box_dice", "val_dice/star", "val_dice/cross", "train_loss"):
         assert key in fit_metrics, key

@@ -31,5 +31,7 @@ def test_best_of_multimask_is_trained() -> None:
 
 
 def test_all_padding_gives_zero_not_nan() -> None:
-    out = SamLoss()(torch.randn(1, 2, 1, 4, 4), torch.rand(1, 2, 1), torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, dtype=torch.bool))
+    out = SamLoss()(
+        torch.randn(1, 2, 1, 4, 4), torch.rand(1, 2, 1), torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, dtype=torch.bool)
+    )
     assert out["loss"].item() == 0.0

@@ -22,14 +22,20 @@ SEGTUNE_LINES = [line for line in BASH_LINES if line.startswith("segtune ")]
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
-    ci_lines = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
+    ci_lines = [
+        ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))
+    ]
     assert ci_lines == ["python3 -m pip install nox && nox -s tests"]
     assert ci_lines[0] in BASH_LINES
 
 
 def test_nox_sessions_named_in_readme_exist() -> None:
     tree = ast.parse((ROOT / "noxfile.py").read_text())
-    sessions = {f.name for f in tree.body if isinstance(f, ast.FunctionDef) and any("session" in ast.unparse(d) for d in f.decorator_list)}
+    sessions = {
+        f.name
+        for f in tree.body
+        if isinstance(f, ast.FunctionDef) and any("session" in ast.unparse(d) for d in f.decorator_list)
+    }
     named = {m for line in BASH_LINES for m in re.findall(r"nox -s (\w+)", line)}
     assert named and named <= sessions
 
@@ -77,6 +83,8 @@ def test_own_data_config_snippet_runs(run_cli, shapes_root: Path, tmp_path: Path
     assert "/path/to/my-roboflow-export" in snippet and "model: sam-vit-base" in snippet
     config = tmp_path / "my_data.yaml"
     config.write_text(
-        snippet.replace("/path/to/my-roboflow-export", str(shapes_root)).replace("model: sam-vit-base", "model: sam-tiny")
+        snippet.replace("/path/to/my-roboflow-export", str(shapes_root)).replace(
+            "model: sam-vit-base", "model: sam-tiny"
+        )
     )
     run_cli("fit", "--config", config, "--trainer.fast_dev_run", "true")

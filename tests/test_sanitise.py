@@ -22,7 +22,11 @@ JUNK = {
 
 
 def _batch(size: int) -> dict:
-    return {"pixel_values": torch.randn(1, 3, size, size), "input_boxes": torch.tensor([[[10.0, 10.0, 90.0, 90.0]]]), **JUNK}
+    return {
+        "pixel_values": torch.randn(1, 3, size, size),
+        "input_boxes": torch.tensor([[[10.0, 10.0, 90.0, 90.0]]]),
+        **JUNK,
+    }
 
 
 def test_sam2_fails_on_leaked_attention_mask_and_sanitiser_fixes_it() -> None:
@@ -38,7 +42,9 @@ def test_signature_is_read_through_peft(caplog: pytest.LogCaptureFixture) -> Non
     model, pre, targets = load_model("sam-tiny")
     wrapped = add_lora(model, targets)
     assert forward_parameters(wrapped) == forward_parameters(model)
-    assert {"pixel_values", "input_boxes", "input_points", "input_labels", "image_embeddings"} <= forward_parameters(wrapped)
+    assert {"pixel_values", "input_boxes", "input_points", "input_labels", "image_embeddings"} <= forward_parameters(
+        wrapped
+    )
     sanitise = Sanitiser(wrapped)
     with caplog.at_level(logging.INFO, logger="segtune.models.sanitise"):
         inputs = sanitise(_batch(pre.image_size))

@@ -18,6 +18,8 @@ from segtune.data.synthetic import write_shapes_coco
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PROMPTS = PromptConfig()
+
 
 class SegmentationDataModule(LightningDataModule):
     """Instance segmentation data from a Roboflow COCO export.
@@ -55,7 +57,7 @@ class SegmentationDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        prompts: PromptConfig = PromptConfig(),
+        prompts: PromptConfig = DEFAULT_PROMPTS,
         augmentations: list[A.BasicTransform] | None = None,
         preprocessing: Preprocessing | None = None,
         seed: int = 0,
@@ -97,11 +99,15 @@ class SegmentationDataModule(LightningDataModule):
         empty = [r for r in records if not r.annotations]
         if not keep_empty and empty:
             records = [r for r in records if r.annotations]
-            log.info("%s: %d of %d images have no annotation and are skipped", folder, len(empty), len(records) + len(empty))
+            log.info(
+                "%s: %d of %d images have no annotation and are skipped", folder, len(empty), len(records) + len(empty)
+            )
         if dropped:
             log.info("%s: %d annotations of unselected categories ignored", folder, dropped)
         augment = A.Compose(self.augmentations) if train and self.augmentations else None
-        return InstanceDataset(records, coco, self.class_names, self.preprocessing, self.prompts, train, augment, self.seed)
+        return InstanceDataset(
+            records, coco, self.class_names, self.preprocessing, self.prompts, train, augment, self.seed
+        )
 
     def setup(self, stage: str) -> None:
         """Read the splits that ``stage`` needs."""
@@ -168,4 +174,3 @@ class SyntheticShapesDataModule(SegmentationDataModule):
         if not (self.root / self.splits["fit"] / ANNOTATION_FILE).exists():
             log.info("writing synthetic shapes to %s", self.root)
             write_shapes_coco(self.root, self.num_images, self.image_size, self.data_seed)
-

@@ -125,13 +125,15 @@ class InstanceDataset(Dataset):
         }
         if self.prompts.uses_boxes:
             prompt_boxes = boxes
-            if self.train:
-                prompt_boxes = np.stack([jitter_box(b, self.prompts.box_jitter, size, rng) for b in boxes]) if masks else boxes
+            if self.train and masks:
+                prompt_boxes = np.stack([jitter_box(b, self.prompts.box_jitter, size, rng) for b in boxes])
             sample["input_boxes"] = scale_coords(torch.from_numpy(prompt_boxes), size, reshaped)
         if self.prompts.uses_points:
-            pts, labels = zip(*(sample_points(m, b, self.prompts.positive_points, self.prompts.negative_points, rng) for m, b in zip(masks, boxes))) if masks else ((), ())
-            n_points = self.prompts.positive_points + self.prompts.negative_points
-            pts_t = torch.from_numpy(np.stack(pts)) if masks else torch.zeros(0, n_points, 2)
-            sample["input_points"] = scale_coords(pts_t, size, reshaped)
-            sample["input_labels"] = torch.from_numpy(np.stack(labels)) if masks else torch.zeros(0, n_points, dtype=torch.long)
+            pos, neg = self.prompts.positive_points, self.prompts.negative_points
+            points = np.zeros((len(masks), pos + neg, 2), np.float32)
+            labels = np.zeros((len(masks), pos + neg), np.int64)
+            for i, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
+                points[i], labels[i] = sample_points(mask, box, pos, neg, rng)
+            sample["input_points"] = scale_coords(torch.from_numpy(points), size, reshaped)
+            sample["input_labels"] = torch.from_numpy(labels)
         return sample

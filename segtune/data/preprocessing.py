@@ -2,8 +2,9 @@
 
 SAM and SAM-HQ resize the longest side to the model's input size and pad bottom-right; SAM2 and
 Sam3Tracker resize to the square input size. The low-resolution masks that every SAM-family model
-predicts are 4x the image-embedding grid (256 px for SAM at 1024). These functions map images and prompts into the model's
-frame and predictions back to the image's original resolution, so metrics never see the 256 px grid.
+predicts are 4x the image-embedding grid (256 px for SAM at 1024). These functions map images and
+prompts into the model's frame and predictions back to the image's original resolution, so
+metrics never see the 256 px grid.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def logits_to_original(
     Upsample to the model input, crop the padding away, then resize to the original image, as
     transformers' ``post_process_masks`` does.
     """
-    x = F.interpolate(logits[:, None].float(), size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        logits[:, None].float(), size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False
+    )
     x = x[..., : resized[0], : resized[1]]
     x = F.interpolate(x, size=tuple(original), mode="bilinear", align_corners=False)
     return x[:, 0]

@@ -115,8 +115,6 @@ def model_type_of(name: str) -> str:
     return AutoConfig.from_pretrained(preset.hub_id if preset else name).model_type
 
 
-
-
 def preprocessing_for(name: str) -> Preprocessing:
     """A model's preprocessing from its preset or saved config, without loading weights."""
     preset = PRESETS.get(name)

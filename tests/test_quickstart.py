@@ -1,0 +1,45 @@
+"""The quickstart's promise, checked by running it as a user would (no timing asserted here)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_quickstart_beats_the_box_floor_and_tests(tmp_path: Path) -> None:
+    segtune = shutil.which("segtune")
+    assert segtune, "the segtune console script is not installed"
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    fit = subprocess.run([segtune, "fit", "--config", config], cwd=tmp_path, capture_output=True, text=True)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert (tmp_path / "data/shapes/train/_annotations.coco.json").is_file()
+    best = re.search(r"Best checkpoint \(val_dice=([0-9.]+)\): (\S+)", fit.stdout)
+    assert best, fit.stdout[-2000:]
+
+    validated = [r for r in _rows(tmp_path / "runs/quickstart/version_0") if r.get("val_dice")]
+    top = max(validated, key=lambda r: float(r["val_dice"]))
+    assert float(top["val_dice"]) == pytest.approx(float(best.group(1)), abs=1e-4)
+    assert float(top["val_dice"]) >= 0.80
+    assert float(top["val_dice"]) > float(top["val_box_dice"]) + 0.05
+
+    test = subprocess.run(
+        [segtune, "test", "--config", config, "--ckpt_path", best.group(2)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test_dice" in test.stdout and "test_iou" in test.stdout
+    logged = {k: float(v) for r in _rows(tmp_path / "runs/quickstart/version_1") for k, v in r.items() if v}
+    assert logged["test_dice"] > logged["test_box_dice"]
+    assert 0.0 < logged["test_iou"] <= logged["test_dice"] <= 1.0

@@ -3,5 +3,6 @@
 from segtune.methods.base import SegmentationModule
 from segtune.methods.baseline import FullFinetune
 from segtune.methods.lora import LoRA
+from segtune.methods.qlora import QLoRA
 
-__all__ = ["FullFinetune", "LoRA", "SegmentationModule"]
+__all__ = ["FullFinetune", "LoRA", "QLoRA", "SegmentationModule"]

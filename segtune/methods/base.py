@@ -19,7 +19,7 @@ from segtune.data.batch import Batch
 from segtune.data.preprocessing import Preprocessing, logits_to_original
 from segtune.loss import SamLoss
 from segtune.metrics import filled_boxes, segmentation_metrics
-from segtune.models.loading import load_model
+from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class SegmentationModule(LightningModule):
         dice_weight: weight of the Dice term (SAM: 1).
         iou_weight: weight of the IoU-head MSE (SAM: 1).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_clip_val: clip the gradient norm to this when the Trainer sets no
+            ``gradient_clip_val`` of its own (None: no clipping).
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -59,6 +61,7 @@ class SegmentationModule(LightningModule):
         dice_weight: float = 1.0,
         iou_weight: float = 1.0,
         gradient_checkpointing: bool = False,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,7 +89,7 @@ class SegmentationModule(LightningModule):
             return
         model, self.preprocessing, targets = self.load()
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         self.model = self.adapt(model, targets)
         self.sanitise = Sanitiser(self.model)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -204,6 +207,13 @@ class SegmentationModule(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.trainable_only_checkpoint:

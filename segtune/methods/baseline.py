@@ -19,6 +19,7 @@ class FullFinetune(SegmentationModule):
         model: preset name, local folder or hub id.
         train_parts: which parts train; the others are frozen.
         lr: peak learning rate (full fine-tunes want a small one).
+        gradient_clip_val: gradient-norm clipping, on by default for full fine-tunes.
         **kwargs: see :class:`~segtune.methods.base.SegmentationModule`.
     """
 
@@ -27,9 +28,10 @@ class FullFinetune(SegmentationModule):
         model: str = "sam-tiny",
         train_parts: list[Part] = ["vision_encoder", "prompt_encoder", "mask_decoder"],  # noqa: B006
         lr: float = 1e-5,
+        gradient_clip_val: float | None = 1.0,
         **kwargs,
     ) -> None:
-        super().__init__(model=model, lr=lr, **kwargs)
+        super().__init__(model=model, lr=lr, gradient_clip_val=gradient_clip_val, **kwargs)
         self.train_parts = list(train_parts)
 
     def adapt(self, model: PreTrainedModel, lora_targets: str) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,13 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
     """
     preset = PRESETS.get(name)
     if preset is not None and preset.config is not None:
+        model = build_tiny(preset)
         if from_pretrained.get("quantization_config") is not None:
-            raise ValueError(f"{name} is built from a config; quantisation needs a saved model folder")
-        return build_tiny(preset), preset.preprocessing, preset.lora_targets
+            # bitsandbytes quantises while loading weights: go through a saved copy.
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = AutoModelForMaskGeneration.from_pretrained(folder, **from_pretrained)
+        return model, preset.preprocessing, preset.lora_targets
     source = preset.hub_id if preset else name
     try:
         model = AutoModelForMaskGeneration.from_pretrained(source, **from_pretrained)
@@ -125,3 +130,9 @@ def preprocessing_for(name: str) -> Preprocessing:
     except OSError as e:
         raise ModelNotFoundError(_not_found_message(name, name, e)) from None
     return preprocessing_of(config, _processor_config(name))
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass (transformers renamed the method in v5)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

@@ -6,15 +6,23 @@ addition to plain LightningCLI is the link that gives the data the model's prepr
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import asdict
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segtune.callbacks import ReportBestCheckpoint
+from segtune.callbacks import ExportBestAdapter, ReportBestCheckpoint
+from segtune.commands import export_command, models_command
 from segtune.data.datamodule import SegmentationDataModule
 from segtune.methods.base import SegmentationModule
 from segtune.models.loading import preprocessing_for
+
+DESCRIPTION = (
+    "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME) and "
+    "`segtune export --ckpt_path CKPT --output DIR [--merge]`."
+)
 
 
 def _preprocessing_dict(model: str) -> dict:
@@ -46,12 +54,18 @@ def trainer_defaults() -> dict:
                 filename="best-epoch{epoch:02d}-val_dice{val_dice:.4f}",
             ),  # fmt: skip
             ReportBestCheckpoint(),
+            ExportBestAdapter(),
         ],
     }
 
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (``args`` replaces ``sys.argv[1:]``, for tests)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("models", "export"):
+        command = models_command if argv[0] == "models" else export_command
+        raise SystemExit(command(argv[1:]))
+    _show_segtune_logs()
     SegtuneCLI(
         SegmentationModule,
         SegmentationDataModule,
@@ -60,4 +74,15 @@ def main(args: list[str] | None = None) -> None:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         args=args,
+        parser_kwargs={"description": DESCRIPTION},
     )
+
+
+def _show_segtune_logs() -> None:
+    # Skips, counts and parameter totals are logged at INFO; Python shows only WARNING by default.
+    logger = logging.getLogger("segtune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

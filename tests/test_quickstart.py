@@ -36,7 +36,10 @@ def test_quickstart_beats_the_box_floor_and_tests(tmp_path: Path) -> None:
     assert float(top["val_dice"]) > float(top["val_box_dice"]) + 0.05
 
     test = subprocess.run(
-        [segtune, "test", "--config", config, "--ckpt_path", best.group(2)], cwd=tmp_path, capture_output=True, text=True
+        [segtune, "test", "--config", config, "--ckpt_path", best.group(2)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test_dice" in test.stdout and "test_iou" in test.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,23 +51,42 @@ class Preprocessing:
 
 
 def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Turn an ``[H, W, 3]`` uint8 image into the model's ``[3, S, S]`` float input.
+    """Turn an ``[H, W, 3]`` image into the model's ``[3, S, S]`` float input.
+
+    Args:
+        image: uint8 (as the HF processors take it), or float32 already scaled to [0, 1] by the
+            intensity policy (16-bit and float data, never squeezed through 8 bits).
+        pre: the model's preprocessing.
 
     Returns:
         The pixel values and the ``(h, w)`` size of the resized image before padding.
     """
     height, width = image.shape[:2]
     new_h, new_w = pre.resized_shape(height, width)
-    # PIL bilinear is what SamImageProcessorPil uses, so the pixels match the HF processor.
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
-    pixels = torch.from_numpy(resized).permute(2, 0, 1) / 255.0
+    if image.dtype == np.uint8:
+        # PIL bilinear is what SamImageProcessorPil uses, so the pixels match the HF processor.
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        scale = 1.0 / 255.0
+    else:
+        # The same PIL filter on each channel in float ("F") mode: no 8-bit rounding.
+        channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)) for c in range(3)]
+        resized = np.stack([np.asarray(c.resize((new_w, new_h), Image.BILINEAR)) for c in channels], axis=2)
+        scale = 1.0
     if pre.normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        pixels = (pixels - mean) / std
-    out = torch.zeros(3, pre.image_size, pre.image_size)
-    out[:, :new_h, :new_w] = pixels
-    return out, (new_h, new_w)
+        # (x * scale - mean) / std as one multiply-add per channel, in place in the padded output:
+        # on a 1024 px input this is several times faster than separate torch ops.
+        gains = [scale / s for s in IMAGENET_STD]
+        offsets = [m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    else:
+        gains, offsets = [scale] * 3, [0.0] * 3
+    out = np.zeros((3, pre.image_size, pre.image_size), dtype=np.float32)
+    for c in range(3):
+        view = out[c, :new_h, :new_w]
+        view[...] = resized[:, :, c]
+        view *= np.float32(gains[c])
+        if offsets[c]:
+            view -= np.float32(offsets[c])
+    return torch.from_numpy(out), (new_h, new_w)
 
 
 def scale_coords(coords: torch.Tensor, original: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:
@@ -76,16 +96,29 @@ def scale_coords(coords: torch.Tensor, original: tuple[int, int], resized: tuple
     return (coords.reshape(-1, 2).float() * scale).reshape(shape)
 
 
+def low_res_shape(pre: Preprocessing, resized: tuple[int, int]) -> tuple[int, int]:
+    """Shape ``(h, w)`` the resized image covers in the model's low-resolution mask frame."""
+    factor = pre.mask_size / pre.image_size
+    return max(1, round(resized[0] * factor)), max(1, round(resized[1] * factor))
+
+
 def masks_to_low_res(masks: torch.Tensor, pre: Preprocessing, resized: tuple[int, int]) -> torch.Tensor:
-    """Ground truth ``[N, H, W]`` at the original size -> ``[N, s, s]`` float targets in the model's mask frame."""
+    """Ground truth ``[N, H, W]`` at the original size -> ``[N, s, s]`` float targets in the model's mask frame.
+
+    Each mask is area-averaged straight to the region the image covers in the ``s x s`` frame
+    (the rest is padding, 0) and thresholded at 0.5: the same target as resizing to the model input
+    first and pooling by 4, without building ``N`` full-resolution frames.
+    """
+    out = torch.zeros(masks.shape[0], pre.mask_size, pre.mask_size)
     if masks.numel() == 0:
-        return torch.zeros(masks.shape[0], pre.mask_size, pre.mask_size)
-    frame = torch.zeros(masks.shape[0], 1, pre.image_size, pre.image_size)
-    frame[:, :, : resized[0], : resized[1]] = F.interpolate(
-        masks[:, None].float(), size=resized, mode="bilinear", align_corners=False
-    )
-    low = F.interpolate(frame, size=(pre.mask_size, pre.mask_size), mode="area")
-    return (low[:, 0] > 0.5).float()
+        return out
+    low_h, low_w = low_res_shape(pre, resized)
+    source = masks.numpy() if masks.dtype == torch.uint8 else masks.to(torch.uint8).numpy()
+    area = cv2.INTER_AREA if low_h <= source.shape[1] and low_w <= source.shape[2] else cv2.INTER_LINEAR
+    for i, mask in enumerate(source):
+        small = cv2.resize(mask.astype(np.float32), (low_w, low_h), interpolation=area)
+        out[i, :low_h, :low_w] = torch.from_numpy(small > 0.5)
+    return out
 
 
 def logits_to_original(

@@ -36,7 +36,9 @@ def _triangle(rng: np.random.Generator) -> np.ndarray:
 
 def _cross(rng: np.random.Generator) -> np.ndarray:
     a = rng.uniform(0.25, 0.4)
-    return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]])
+    return np.array(
+        [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]
+    )
 
 
 def _ell(rng: np.random.Generator) -> np.ndarray:

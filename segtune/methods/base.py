@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -234,3 +236,24 @@ class SegmentationModule(LightningModule):
                 f"{len(missing)} trainable weights missing (e.g. {missing[:2]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
             )
+
+
+def load_method(ckpt_path: str | Path) -> SegmentationModule:
+    """Rebuild the method module a ``segtune fit`` checkpoint was written by, with its weights.
+
+    The class comes from the checkpoint's ``_class_path`` (written by LightningCLI) and must be an
+    already imported subclass of :class:`SegmentationModule`: nothing named in a checkpoint is
+    imported or executed. ``SegmentationModule.load_from_checkpoint`` alone would drop the class
+    path and build the base class.
+
+    Raises:
+        ValueError: the checkpoint names no segtune method.
+    """
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    module_path, _, name = str(hparams.get("_class_path", "")).rpartition(".")
+    cls = getattr(sys.modules.get(module_path), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationModule)):
+        raise ValueError(f"{ckpt_path}: not a segtune checkpoint (method class {hparams.get('_class_path')!r})")
+    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    module.configure_model()
+    return module

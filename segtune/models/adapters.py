@@ -1,9 +1,18 @@
-"""PEFT LoRA on a SAM-family model (no Lightning here)."""
+"""PEFT LoRA on a SAM-family model, adapter files and merged export (no Lightning here)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import PreTrainedModel
+
+from segtune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+PREPROCESSING_FILE = "segtune_preprocessing.json"
 
 
 def add_lora(
@@ -28,3 +37,50 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, modules_to_save=modules_to_save
     )
     return get_peft_model(model, config)
+
+
+def write_preprocessing(folder: str | Path, pre: Preprocessing) -> None:
+    """Write segtune's preprocessing and an HF ``preprocessor_config.json`` describing it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PREPROCESSING_FILE).write_text(json.dumps(asdict(pre), indent=2))
+    square = pre.resize == "square"
+    hf = {
+        "image_processor_type": "Sam2ImageProcessorFast" if square else "SamImageProcessor",
+        "do_resize": True,
+        "size": {"height": pre.image_size, "width": pre.image_size} if square else {"longest_edge": pre.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": pre.normalize == "imagenet",
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_pad": not square,
+        "pad_size": {"height": pre.image_size, "width": pre.image_size},
+        "mask_size": {"height": pre.mask_size, "width": pre.mask_size},
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(hf, indent=2))
+
+
+def save_adapter(model: PeftModel, pre: Preprocessing, folder: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` and the preprocessing."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_preprocessing(folder, pre)
+    return folder
+
+
+def load_adapter(base: PreTrainedModel, folder: str | Path) -> PeftModel:
+    """Put a saved adapter (safetensors only) on ``base``."""
+    if not (Path(folder) / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{folder}: no adapter_model.safetensors (segtune loads adapters from safetensors only)"
+        )
+    return PeftModel.from_pretrained(base, folder)
+
+
+def save_merged(model: PreTrainedModel, pre: Preprocessing, folder: str | Path) -> Path:
+    """Write a plain HF model folder that ``<Class>.from_pretrained`` loads without segtune."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_preprocessing(folder, pre)
+    return folder

@@ -83,7 +83,7 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
     source = preset.hub_id if preset else name
     try:
         model = AutoModelForMaskGeneration.from_pretrained(source, **from_pretrained)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder without a usable config.json
         raise ModelNotFoundError(_not_found_message(name, source, e)) from None
     if preset is not None:
         return model, preset.preprocessing, preset.lora_targets
@@ -127,12 +127,21 @@ def preprocessing_for(name: str) -> Preprocessing:
         return preset.preprocessing
     try:
         config = AutoConfig.from_pretrained(name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ModelNotFoundError(_not_found_message(name, name, e)) from None
     return preprocessing_of(config, _processor_config(name))
 
 
-def enable_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute activations in the backward pass (transformers renamed the method in v5)."""
+def enable_checkpointing(model: PreTrainedModel) -> bool:
+    """Recompute activations in the backward pass, where the model class supports it.
+
+    Returns:
+        False (with a warning) for classes transformers does not checkpoint, e.g. ``Sam2Model``.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support activation checkpointing; training without it", type(model).__name__)
+        return False
+    # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
+    return True

@@ -67,13 +67,16 @@ def _samhq_tiny() -> SamHQConfig:
 def _sam2_tiny() -> Sam2Config:
     backbone = dict(
         model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1, image_size=[256, 256],
-        blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
-        window_size_per_stage=[8, 4, 4, 4], global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4],
+        blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+        num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[8, 4, 4, 4],
+        global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4],
     )  # fmt: skip
     return Sam2Config(
         vision_config=dict(
-            backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
-            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]], fpn_hidden_size=32,
+            backbone_config=backbone,
+            backbone_channel_list=[128, 64, 32, 16],
+            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+            fpn_hidden_size=32,
         ),  # fmt: skip
         prompt_encoder_config=dict(hidden_size=32, image_size=256, patch_size=16),
         mask_decoder_config=_DECODER,
@@ -86,7 +89,9 @@ def _sam3tracker_tiny() -> Sam3TrackerConfig:
         image_size=224, patch_size=14, window_size=8, global_attn_indexes=[1], pretrain_image_size=224,
     )  # fmt: skip
     return Sam3TrackerConfig(
-        vision_config=dict(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]),
+        vision_config=dict(
+            backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]
+        ),
         prompt_encoder_config=dict(hidden_size=32, image_size=224, patch_size=14),
         mask_decoder_config=_DECODER,
     )
@@ -101,11 +106,17 @@ PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
         ModelPreset("sam-tiny", "SamModel", None, Preprocessing(256, "longest", "imagenet", 64), config=_sam_tiny),
-        ModelPreset("samhq-tiny", "SamHQModel", None, Preprocessing(256, "longest", "imagenet", 64), config=_samhq_tiny),
+        ModelPreset(
+            "samhq-tiny", "SamHQModel", None, Preprocessing(256, "longest", "imagenet", 64), config=_samhq_tiny
+        ),
         ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", "imagenet", 64), config=_sam2_tiny),
         ModelPreset(
-            "sam3tracker-tiny", "Sam3TrackerModel", None, Preprocessing(224, "square", "imagenet", 64),
-            SAM3_ENCODER_TARGETS, _sam3tracker_tiny,
+            "sam3tracker-tiny",
+            "Sam3TrackerModel",
+            None,
+            Preprocessing(224, "square", "imagenet", 64),
+            SAM3_ENCODER_TARGETS,
+            _sam3tracker_tiny,
         ),  # fmt: skip
         ModelPreset("sam-vit-base", "SamModel", "facebook/sam-vit-base", _SAM),
         ModelPreset("sam-vit-large", "SamModel", "facebook/sam-vit-large", _SAM),

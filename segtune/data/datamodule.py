@@ -165,7 +165,7 @@ class SyntheticShapesDataModule(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(root=root, **kwargs)
-        self.num_images = num_images or {"train": 160, "valid": 24, "test": 24}
+        self.num_images = num_images or {"train": 400, "valid": 24, "test": 24}
         self.image_size = (image_height, image_width)
         self.data_seed = data_seed
 

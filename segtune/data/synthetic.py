@@ -1,8 +1,9 @@
 """A small synthetic dataset written as a real Roboflow COCO export, for the quickstart and tests.
 
-Each image is a noisy, shaded background with a few non-overlapping filled shapes. Shapes are
-stars, triangles, crosses and L-shapes at random rotations: none fills its bounding box, so
-predicting the box prompt filled (the "box floor") scores well below what a trained model reaches.
+Each image is a noisy, shaded background with one to three filled shapes whose boxes do not
+overlap. Shapes are stars, triangles, crosses and L-shapes at random rotations: none fills its
+bounding box, so predicting the box prompt filled (the "box floor") scores well below what a
+trained model reaches.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def _star(rng: np.random.Generator) -> np.ndarray:
 
 
 def _triangle(rng: np.random.Generator) -> np.ndarray:
-    angles = np.sort(rng.uniform(0, 2 * math.pi, 3))
-    angles = np.array([0.0, rng.uniform(1.6, 2.6), rng.uniform(3.7, 4.7)]) if np.ptp(angles) < 2.5 else angles
+    # Vertices at least 80 degrees apart around the centre: no slivers thinner than a patch.
+    gaps = rng.dirichlet([4.0, 4.0, 4.0]) * (2 * math.pi - 3 * math.radians(80)) + math.radians(80)
+    angles = rng.uniform(0, 2 * math.pi) + np.cumsum(gaps)
     return np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
@@ -58,15 +60,24 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return img
 
 
+# Shape radius as a fraction of the image's shorter side: a shape spans several of a tiny model's
+# 16 px patches. Up to MAX_SHAPES per image.
+RADIUS = (0.18, 0.3)
+MAX_SHAPES = 3
+# A shape's colour differs from the background under it by at least this much in some channel:
+# an invisible shape teaches nothing and makes the quickstart's score a matter of luck.
+MIN_CONTRAST = 60.0
+
+
 def _draw_image(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     img = _background(rng, height, width)
     occupied = np.zeros((height, width), dtype=bool)
     shapes: list[tuple[int, list[float]]] = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, MAX_SHAPES + 1))):
         for _attempt in range(20):
             cat = int(rng.integers(0, len(CATEGORIES)))
             make = SHAPES[CATEGORIES[cat]][int(rng.integers(0, 2))]
-            radius = rng.uniform(0.18, 0.3) * min(height, width)
+            radius = rng.uniform(*RADIUS) * min(height, width)
             theta = rng.uniform(0, 2 * math.pi)
             rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
             pts = make(rng) @ rot.T * radius * rng.uniform(0.7, 1.3, size=2)
@@ -75,10 +86,19 @@ def _draw_image(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
             layer = Image.new("L", (width, height), 0)
             ImageDraw.Draw(layer).polygon([tuple(p) for p in pts], fill=1)
             mask = np.asarray(layer, dtype=bool)
-            if mask.sum() < 50 or (mask & occupied).any():
+            # Boxes (with a margin) do not overlap: each box prompt names one shape. Shapes lie
+            # inside the image, as annotations of a clean export do.
+            (x0, y0), (x1, y1) = np.floor(pts.min(axis=0)).astype(int), np.ceil(pts.max(axis=0)).astype(int)
+            if x0 < 0 or y0 < 0 or x1 >= width or y1 >= height:
                 continue
-            occupied |= mask
+            box = np.zeros_like(occupied)
+            box[max(0, y0 - 4) : y1 + 5, max(0, x0 - 4) : x1 + 5] = True
+            if mask.sum() < 50 or (box & occupied).any():
+                continue
+            occupied |= box
             colour = rng.uniform(0, 255, size=3)
+            while np.abs(colour - img[mask].mean(axis=0)).max() < MIN_CONTRAST:
+                colour = rng.uniform(0, 255, size=3)
             texture = rng.normal(0, 10, size=(int(mask.sum()), 3))
             img[mask] = colour + texture
             shapes.append((cat, pts.round(1).ravel().tolist()))

@@ -19,7 +19,8 @@ class LoRA(SegmentationModule):
         dropout: dropout on the LoRA input.
         target_modules: regex of the layers to adapt; ``None`` takes the model's preset
             (image-encoder attention).
-        train_mask_decoder: train the mask decoder in full beside the adapters.
+        modules_to_save: submodules trained in full beside the adapters, by name (``neck`` matches
+            ``vision_encoder.neck``); ``[]`` trains the adapters alone.
         lr: peak learning rate.
         **kwargs: see :class:`~segtune.methods.base.SegmentationModule`.
     """
@@ -33,19 +34,19 @@ class LoRA(SegmentationModule):
         alpha: int = 16,
         dropout: float = 0.0,
         target_modules: str | None = None,
-        train_mask_decoder: bool = True,
+        modules_to_save: list[str] = ["mask_decoder"],  # noqa: B006  (jsonargparse shows the default)
         lr: float = 1e-4,
         **kwargs,
     ) -> None:
         super().__init__(model=model, lr=lr, **kwargs)
         self.lora = dict(r=r, alpha=alpha, dropout=dropout)
         self.target_modules = target_modules
-        self.train_mask_decoder = train_mask_decoder
+        self.modules_to_save = list(modules_to_save)
 
     def adapt(self, model: PreTrainedModel, lora_targets: str) -> nn.Module:
         return add_lora(
             model,
             self.target_modules or lora_targets,
-            modules_to_save=["mask_decoder"] if self.train_mask_decoder else None,
+            modules_to_save=self.modules_to_save or None,
             **self.lora,
         )

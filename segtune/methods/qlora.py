@@ -27,7 +27,8 @@ class QLoRA(SegmentationModule):
         alpha: LoRA scaling numerator (scale is ``alpha / r``).
         dropout: dropout on the LoRA input.
         target_modules: regex of the layers to adapt; ``None`` takes the model's preset.
-        train_mask_decoder: train the (unquantised) mask decoder in full beside the adapters.
+        modules_to_save: submodules trained in full beside the adapters, by name; the default is the
+            (unquantised) mask decoder; ``[]`` trains the adapters alone.
         compute_dtype: dtype of the 4-bit layers' matmuls.
         double_quant: also quantise the quantisation constants (saves ~0.4 bit per weight).
         lr: peak learning rate.
@@ -44,7 +45,7 @@ class QLoRA(SegmentationModule):
         alpha: int = 16,
         dropout: float = 0.0,
         target_modules: str | None = None,
-        train_mask_decoder: bool = True,
+        modules_to_save: list[str] = ["mask_decoder"],  # noqa: B006  (jsonargparse shows the default)
         compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         double_quant: bool = True,
         lr: float = 2e-4,
@@ -54,7 +55,7 @@ class QLoRA(SegmentationModule):
         super().__init__(model=model, lr=lr, gradient_checkpointing=gradient_checkpointing, **kwargs)
         self.lora = dict(r=r, alpha=alpha, dropout=dropout)
         self.target_modules = target_modules
-        self.train_mask_decoder = train_mask_decoder
+        self.modules_to_save = list(modules_to_save)
         self.quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -78,6 +79,6 @@ class QLoRA(SegmentationModule):
         return add_lora(
             model,
             self.target_modules or lora_targets,
-            modules_to_save=["mask_decoder"] if self.train_mask_decoder else None,
+            modules_to_save=self.modules_to_save or None,
             **self.lora,
         )

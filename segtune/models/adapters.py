@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def add_lora(
         dropout: dropout on the LoRA input.
         modules_to_save: submodules trained in full beside the adapters (e.g. ``["mask_decoder"]``).
     """
+    if isinstance(target_modules, str) and not any(re.fullmatch(target_modules, n) for n, _ in model.named_modules()):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"LoRA target_modules {target_modules!r} matches no layer of {type(model).__name__} "
+            f"(a regex matched in full against module names; its Linear layers are named {', '.join(linear)})"
+        )
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, modules_to_save=modules_to_save
     )

@@ -41,19 +41,24 @@ def lora_targets_of(model_type: str) -> str:
     return SAM3_ENCODER_TARGETS if model_type.startswith("sam3") else SAM_ENCODER_TARGETS
 
 
+TINY_POSITION_SCALE = 0.5
+
+
 def build_tiny(preset: ModelPreset, seed: int = 0) -> PreTrainedModel:
     """Build a preset's random model; the same seed gives the same weights (so adapters reload)."""
     assert preset.config is not None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForMaskGeneration.from_config(preset.config())
-        # HF draws Sam/SamHQ's random Fourier features at scale hidden_size // 2 (32 here, 384 for
+        # HF draws Sam/SamHQ's random Fourier features at scale hidden_size // 2 (16 here, 128 for
         # ViT-B); checkpoints overwrite them, but a random model then sees box positions as white
-        # noise and cannot learn to localise. Original SAM uses scale 1.
+        # noise and cannot learn to localise. Original SAM uses scale 1 on a 64x64 grid; on the
+        # tiny 16x16 grid 0.5 learned box prompts fastest (quickstart val_dice 0.81-0.82 over
+        # seeds 0-2, against 0.78 at 1 and under 0.6 at 3).
         for name, param in model.named_parameters():
             if name.endswith("shared_image_embedding.positional_embedding"):
                 with torch.no_grad():
-                    param.copy_(torch.randn_like(param))
+                    param.copy_(torch.randn_like(param) * TINY_POSITION_SCALE)
         return model
 
 

@@ -68,7 +68,9 @@ def collate(samples: list[Sample]) -> Batch:
     Padding boxes are ``[0, 0, 1, 1]`` so the model still sees a well-formed prompt; loss and
     metrics skip them through ``prompt_valid``.
     """
-    n = max(len(s["category_ids"]) for s in samples)
+    # At least one prompt: a batch whose images have no instance (an empty mask file, a predict
+    # image without prompts) still runs the model on a padding prompt instead of a 0-length tensor.
+    n = max(1, *(len(s["category_ids"]) for s in samples))
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "prompt_valid": _pad([torch.ones(len(s["category_ids"]), dtype=torch.bool) for s in samples], n, False),

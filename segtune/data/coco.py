@@ -6,26 +6,35 @@ import contextlib
 import io
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
+
+from segtune.data.images import FolderIndex, image_files
+from segtune.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_FILE = "_annotations.coco.json"
 
 
-@dataclass
-class ImageRecord:
-    """One image and its instance annotations, as read from the json."""
+def read_json(json_path: Path) -> dict:
+    """Parse a json file whose top level is an object.
 
-    image_id: int
-    path: Path
-    height: int
-    width: int
-    annotations: list[dict] = field(default_factory=list)
+    Raises:
+        FileNotFoundError, ValueError: with a one-line message naming the file.
+    """
+    try:
+        with open(json_path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{json_path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path}: invalid json ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_path}: expected a json object at the top level, got {type(data).__name__}")
+    return data
 
 
 def load_coco(json_path: Path) -> COCO:
@@ -34,13 +43,7 @@ def load_coco(json_path: Path) -> COCO:
     Raises:
         FileNotFoundError, ValueError: with a one-line message naming the file.
     """
-    try:
-        with open(json_path) as f:
-            dataset = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{json_path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path}: invalid json ({e})") from None
+    dataset = read_json(json_path)
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise ValueError(f"{json_path}: not a COCO instances file (missing {', '.join(missing)})")
@@ -77,32 +80,87 @@ def class_names_of(coco: COCO) -> list[str]:
     return names
 
 
-def read_records(coco: COCO, image_dir: Path, class_names: list[str]) -> tuple[list[ImageRecord], int]:
-    """Records for the images whose annotations fall in ``class_names``.
+def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list[str]) -> tuple[list[ImageRecord], int]:
+    """Records for every image of ``coco``, with the annotations whose category is in ``class_names``.
+
+    Image file names resolve inside ``image_dir``, case-insensitively with a warning when they
+    must (``x.JPG`` in the json, ``x.jpg`` on disk). An annotation lying wholly outside its image
+    is logged and skipped; one partly outside is clipped to the image by the rasterisation.
 
     Returns:
         The records (images with no annotation included, with an empty list) and the number of
         annotations dropped because their category is not selected.
+
+    Raises:
+        FileNotFoundError: naming the image a json entry points at when it is not there.
     """
-    id_to_name = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    keep = set(class_names)
-    records, dropped = [], 0
+    name_to_index = {n: i for i, n in enumerate(class_names)}
+    id_to_index = {c["id"]: name_to_index.get(c["name"]) for c in coco.dataset["categories"]}
+    files = FolderIndex(image_dir)
+    records, dropped, outside = [], 0, []
     for img in coco.dataset["images"]:
+        height, width = int(img["height"]), int(img["width"])
         anns = []
         for a in coco.imgToAnns.get(img["id"], []):
-            if id_to_name.get(a["category_id"]) in keep:
-                anns.append(a)
-            else:
+            if id_to_index.get(a["category_id"]) is None:
                 dropped += 1
-        records.append(
-            ImageRecord(img["id"], image_dir / img["file_name"], int(img["height"]), int(img["width"]), anns)
-        )
+            elif not _inside(a["segmentation"], height, width):
+                outside.append(a.get("id"))
+            else:
+                anns.append({**a, "class_index": id_to_index[a["category_id"]]})
+        records.append(ImageRecord(img["id"], files.resolve(img["file_name"]), height, width, anns))
+    files.report_case_fixes()
+    if outside:
+        log.warning(
+            "%s: %d annotations lie outside their image (or their RLE has another size) and are skipped: ids %s",
+            json_path, len(outside), outside[:10],
+        )  # fmt: skip
     return records, dropped
 
 
-def annotation_mask(coco: COCO, ann: dict) -> np.ndarray:
-    """Decode one annotation (polygons, RLE or crowd RLE) to an ``[H, W]`` bool mask."""
-    return coco.annToMask(ann).astype(bool)
+def boxes_records(json_path: Path, image_dir: Path, class_names: list[str]) -> list[ImageRecord]:
+    """Predict records for every image in ``image_dir``, with prompt boxes from a boxes json.
+
+    The json maps a file name or stem to ``[[x0, y0, x1, y1], ...]`` or to Kvasir's
+    ``{"bbox": [{"xmin": .., "ymin": .., "xmax": .., "ymax": .., "label": ..}, ...]}``. A label
+    that names a class gives that class; otherwise class 0. Images the json does not name get no
+    prompt (logged).
+
+    Raises:
+        ValueError: naming the file and the entry when a box is malformed.
+    """
+    data = read_json(json_path)
+    by_key = {k.lower(): v for k, v in data.items()}
+    records, unprompted = [], 0
+    for i, path in enumerate(image_files(image_dir)):
+        entry = by_key.get(path.name.lower(), by_key.get(path.stem.lower()))
+        boxes, classes = [], []
+        items = entry.get("bbox", []) if isinstance(entry, dict) else entry or []
+        for item in items:
+            try:
+                box = [item[k] for k in ("xmin", "ymin", "xmax", "ymax")] if isinstance(item, dict) else item
+                box = [float(v) for v in box]
+            except (KeyError, TypeError, ValueError):
+                box = []
+            if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+                raise ValueError(f"{json_path}: entry {path.stem!r}: {item!r} is not an [x0, y0, x1, y1] box")
+            boxes.append(box)
+            label = item.get("label") if isinstance(item, dict) else None
+            classes.append(class_names.index(label) if label in class_names else 0)
+        unprompted += not boxes
+        records.append(ImageRecord(i, path, boxes=np.asarray(boxes, np.float32).reshape(-1, 4), box_classes=classes))
+    if unprompted:
+        log.warning("%s: %d images in %s have no box and get no prompt", json_path, unprompted, image_dir)
+    return records
+
+
+def _inside(segmentation: list | dict, height: int, width: int) -> bool:
+    """Whether any part of a polygon lies in the image, or an RLE has the image's size."""
+    if isinstance(segmentation, dict):
+        return [int(v) for v in segmentation["size"]] == [height, width]
+    xs = np.concatenate([np.asarray(p[0::2], dtype=float) for p in segmentation])
+    ys = np.concatenate([np.asarray(p[1::2], dtype=float) for p in segmentation])
+    return bool(xs.max() > 0 and ys.max() > 0 and xs.min() < width and ys.min() < height)
 
 
 def annotation_problem(ann: dict) -> str | None:

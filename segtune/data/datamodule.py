@@ -4,37 +4,66 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import albumentations as A
+import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from segtune.data.batch import collate
-from segtune.data.coco import ANNOTATION_FILE, class_names_of, load_coco, read_records
+from segtune.data.coco import ANNOTATION_FILE, boxes_records, class_names_of, coco_records, load_coco, read_json
 from segtune.data.dataset import InstanceDataset
+from segtune.data.intensity import IntensityPolicy
+from segtune.data.masks import MaskFormat, index_values, pair_images_and_masks
 from segtune.data.preprocessing import Preprocessing
 from segtune.data.prompts import PromptConfig
+from segtune.data.records import ImageRecord
 from segtune.data.synthetic import write_shapes_coco
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = PromptConfig()
+DEFAULT_MASKS = MaskFormat()
+DEFAULT_INTENSITY = IntensityPolicy()
 
 
 class SegmentationDataModule(LightningDataModule):
-    """Instance segmentation data from a Roboflow COCO export.
+    """Instance segmentation data from a COCO export or image/mask folders; every instance is one prompt.
 
-    The root holds one folder per split (``train/ valid/ test/``), each with the images and
-    ``_annotations.coco.json``. Every instance becomes one prompt.
+    Layouts (``root`` is the dataset folder):
+
+    - ``"roboflow"``: one folder per split (``train/ valid/ test/``), each with the images and
+      ``_annotations.coco.json``.
+    - ``"coco"``: one image folder (``image_dir``) and a json per split named ``<split>.json``
+      (``train.json``, ...); without those, the single ``annotation_file`` is split by image
+      file with ``split_fractions``.
+    - ``"masks"``: ``images/`` and ``masks/`` with matching stems, inside one folder per split or
+      directly in ``root`` (then split by file with ``split_fractions``).
 
     Args:
-        root: the export's folder.
-        train_split: folder name of the training split.
-        val_split: folder name of the validation split.
-        test_split: folder name of the held-out split used by ``segtune test``.
-        predict_split: folder name of the split ``segtune predict`` runs over.
-        categories: category names to train on, in class-index order; ``None`` takes every
-            category of the first split's json except Roboflow's unused parent category.
+        root: the dataset's folder.
+        layout: how ``root`` is organised (above).
+        train_split: the training split's folder (roboflow, masks) or json stem (coco).
+        val_split: the validation split, as ``train_split``.
+        test_split: the held-out split ``segtune test`` scores, as ``train_split``.
+        predict_split: the split ``segtune predict`` runs over when ``predict_images`` is not set.
+        categories: class names in class-index order. COCO: the categories to train on (``None``:
+            every category except Roboflow's unused parent; categories sharing a name merge).
+            Index masks: the name of pixel value ``i + 1`` is ``categories[i]``. Binary masks: the
+            one class's name.
+        annotation_file: coco layout: the single json split by file when there is no
+            ``<split>.json``.
+        image_dir: coco and masks layouts: the image folder's name.
+        mask_dir: masks layout: the mask folder's name.
+        mask_format: masks layout: how mask files encode instances.
+        split_fractions: train, validation and test fractions when one folder or json is split by
+            file (a seeded shuffle of the sorted file names, so the split never changes).
+        intensity: how 16-bit, float and grayscale images become 3-channel model input.
+        predict_images: a folder of images for ``segtune predict`` (instead of ``predict_split``).
+        predict_prompts: prompts for ``predict_images``: a COCO json (boxes from its annotations)
+            or a boxes json ``{"<file name or stem>": [[x0, y0, x1, y1], ...]}`` (Kvasir's
+            ``{"<stem>": {"bbox": [{"xmin": ...}, ...]}}`` also reads).
         batch_size: images per batch (each image carries all its prompts).
         num_workers: DataLoader worker processes.
         pin_memory: page-locked host memory for faster copies to a GPU.
@@ -42,17 +71,26 @@ class SegmentationDataModule(LightningDataModule):
         prompts: how instances become prompts.
         augmentations: albumentations transforms for training, applied to image and masks together.
         preprocessing: the model's input geometry and normalisation; the CLI links it from the model.
-        seed: seeds the deterministic validation and test prompts.
+        seed: seeds the deterministic validation and test prompts and the split by file.
     """
 
     def __init__(
         self,
         root: str | Path,
+        layout: Literal["roboflow", "coco", "masks"] = "roboflow",
         train_split: str = "train",
         val_split: str = "valid",
         test_split: str = "test",
         predict_split: str = "test",
         categories: list[str] | None = None,
+        annotation_file: str = "annotations.json",
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        mask_format: MaskFormat = DEFAULT_MASKS,
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        intensity: IntensityPolicy = DEFAULT_INTENSITY,
+        predict_images: str | Path | None = None,
+        predict_prompts: str | Path | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -64,8 +102,19 @@ class SegmentationDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root)
+        self.layout = layout
         self.splits = {"fit": train_split, "validate": val_split, "test": test_split, "predict": predict_split}
         self.categories = categories
+        self.annotation_file = annotation_file
+        self.image_dir = image_dir
+        self.mask_dir = mask_dir
+        self.mask_format = mask_format
+        if len(split_fractions) != 3 or min(split_fractions) < 0 or not 0.99 <= sum(split_fractions) <= 1.01:
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+        self.split_fractions = tuple(split_fractions)
+        self.intensity = intensity
+        self.predict_images = Path(predict_images) if predict_images else None
+        self.predict_prompts = Path(predict_prompts) if predict_prompts else None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -77,47 +126,111 @@ class SegmentationDataModule(LightningDataModule):
         self.datasets: dict[str, InstanceDataset] = {}
         self._class_names: list[str] | None = None
 
+    # --- classes -----------------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
         """Class index ``i`` is ``class_names[i]``."""
         if self._class_names is None:
-            if self.categories is not None:
-                self._class_names = list(self.categories)
-            else:
-                first = next((s for s in self.splits.values() if (self.root / s / ANNOTATION_FILE).exists()), None)
-                if first is None:
-                    raise FileNotFoundError(f"{self.root}: no split folder with {ANNOTATION_FILE}")
-                self._class_names = class_names_of(load_coco(self.root / first / ANNOTATION_FILE))
+            self._class_names = list(self.categories) if self.categories is not None else self._find_class_names()
         return self._class_names
 
-    def _dataset(self, split: str, train: bool, keep_empty: bool = False) -> InstanceDataset:
+    def _find_class_names(self) -> list[str]:
+        if self.layout == "masks":
+            if self.mask_format.kind == "binary":
+                return ["foreground"]
+            paths = [m for _, m in self._mask_pairs("fit") if m is not None]
+            values = index_values(paths)
+            log.info("%s: index masks hold values %s; name them with data.categories", self.root, values)
+            return [str(v) for v in range(1, max(values, default=1) + 1)]
+        for stage in ("fit", "validate", "test", "predict"):
+            json_path = self._coco_json(stage)
+            if json_path.exists():
+                return class_names_of(load_coco(json_path))
+        raise FileNotFoundError(f"{self.root}: no COCO json for any split (looked for {self._coco_json('fit')})")
+
+    # --- records per layout --------------------------------------------------------------------------
+    def _coco_json(self, stage: str) -> Path:
+        split = self.splits[stage]
+        if self.layout == "roboflow":
+            return self.root / split / ANNOTATION_FILE
+        per_split = self.root / f"{split}.json"
+        return per_split if per_split.exists() else self.root / self.annotation_file
+
+    def _split_by_file(self, stage: str) -> bool:
+        if self.layout == "coco":
+            return not (self.root / f"{self.splits[stage]}.json").exists()
+        if self.layout == "masks":
+            return not (self.root / self.splits[stage] / self.image_dir).is_dir()
+        return False
+
+    def _mask_pairs(self, stage: str) -> list[tuple[Path, Path | None]]:
+        folder = self.root if self._split_by_file(stage) else self.root / self.splits[stage]
+        return pair_images_and_masks(folder / self.image_dir, folder / self.mask_dir)
+
+    def _records(self, stage: str) -> list[ImageRecord]:
+        if self.layout == "masks":
+            records = [
+                ImageRecord(i, image, mask_path=mask, mask_format=self.mask_format)
+                for i, (image, mask) in enumerate(self._mask_pairs(stage))
+            ]
+        else:
+            json_path = self._coco_json(stage)
+            image_dir = json_path.parent if self.layout == "roboflow" else self.root / self.image_dir
+            records, dropped = coco_records(load_coco(json_path), json_path, image_dir, self.class_names)
+            if dropped:
+                log.info("%s: %d annotations of unselected categories ignored", json_path, dropped)
+        if self._split_by_file(stage):
+            records = self._take_split(records, stage)
+        return records
+
+    def _take_split(self, records: list[ImageRecord], stage: str) -> list[ImageRecord]:
+        """This stage's share of one folder or json: a seeded shuffle of the files, cut by ``split_fractions``."""
+        ordered = sorted(records, key=lambda r: r.path.name)
+        order = np.random.default_rng(self.seed).permutation(len(ordered))
+        n_train = round(self.split_fractions[0] * len(ordered))
+        n_val = round(self.split_fractions[1] * len(ordered))
+        bounds = {"fit": (0, n_train), "validate": (n_train, n_train + n_val)}
+        start, stop = bounds.get(stage, (n_train + n_val, len(ordered)))
+        return [ordered[i] for i in order[start:stop]]
+
+    def _predict_records(self) -> list[ImageRecord]:
+        assert self.predict_images is not None
+        if self.predict_prompts is None:
+            raise ValueError(
+                f"{self.predict_images}: data.predict_images needs data.predict_prompts (a COCO or boxes json)"
+            )
+        if _is_coco(self.predict_prompts):
+            records, _ = coco_records(
+                load_coco(self.predict_prompts), self.predict_prompts, self.predict_images, self.class_names
+            )
+            return records
+        return boxes_records(self.predict_prompts, self.predict_images, self.class_names)
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def _dataset(self, stage: str) -> InstanceDataset:
         if self.preprocessing is None:
             raise ValueError("data.preprocessing is not set: run through `segtune`, which links it from the model")
-        folder = self.root / split
-        coco = load_coco(folder / ANNOTATION_FILE)
-        records, dropped = read_records(coco, folder, self.class_names)
-        empty = [r for r in records if not r.annotations]
-        if not keep_empty and empty:
-            records = [r for r in records if r.annotations]
+        if stage == "predict" and self.predict_images is not None:
+            records = self._predict_records()
+        else:
+            records = self._records(stage)
+        empty = [r for r in records if not r.has_instances]
+        if stage != "predict" and empty:  # no prompt can be made; predict keeps them (empty output)
+            records = [r for r in records if r.has_instances]
             log.info(
-                "%s: %d of %d images have no annotation and are skipped", folder, len(empty), len(records) + len(empty)
-            )
-        if dropped:
-            log.info("%s: %d annotations of unselected categories ignored", folder, dropped)
+                "%s split %r: %d of %d images have no annotation and are skipped",
+                self.root, self.splits[stage], len(empty), len(records) + len(empty),
+            )  # fmt: skip
+        if not records:
+            raise ValueError(f"{self.root}: split {self.splits[stage]!r} has no image with an instance")
+        train = stage == "fit"
         augment = A.Compose(self.augmentations) if train and self.augmentations else None
-        return InstanceDataset(
-            records, coco, self.class_names, self.preprocessing, self.prompts, train, augment, self.seed
-        )
+        return InstanceDataset(records, self.preprocessing, self.prompts, train, augment, self.seed, self.intensity)
 
     def setup(self, stage: str) -> None:
         """Read the splits that ``stage`` needs."""
-        if stage == "fit":
-            self.datasets["fit"] = self._dataset(self.splits["fit"], train=True)
-            self.datasets["validate"] = self._dataset(self.splits["validate"], train=False)
-        elif stage in ("validate", "test"):
-            self.datasets[stage] = self._dataset(self.splits[stage], train=False)
-        elif stage == "predict":
-            self.datasets[stage] = self._dataset(self.splits[stage], train=False)
+        for needed in {"fit": ("fit", "validate")}.get(stage, (stage,)):
+            self.datasets[needed] = self._dataset(needed)
 
     def _loader(self, stage: str, shuffle: bool = False) -> DataLoader:
         return DataLoader(
@@ -141,6 +254,10 @@ class SegmentationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
+
+
+def _is_coco(json_path: Path) -> bool:
+    return "annotations" in read_json(json_path)
 
 
 class SyntheticShapesDataModule(SegmentationDataModule):

@@ -8,58 +8,43 @@ from collections.abc import Sequence
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
-from segtune.data.coco import ImageRecord, annotation_mask
+from segtune.data.images import read_image
+from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.data.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
+from segtune.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
-
-
-def read_rgb(path) -> np.ndarray:
-    """Read an image file as ``[H, W, 3]`` uint8, with a one-line error naming the file."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
 class InstanceDataset(Dataset):
     """Images with instance masks, one :class:`Sample` per image.
 
     Args:
-        records: images and their annotations.
-        coco: the parsed json the annotations come from (decodes polygons and RLE).
-        class_names: class index ``i`` is ``class_names[i]``.
+        records: images and where their instances come from.
         pre: the model's preprocessing.
         prompts: how instances become prompts.
         train: sample instances, jitter boxes, augment; otherwise every instance, deterministic.
         augment: albumentations transforms applied to image and masks together (train only).
         seed: seeds the deterministic evaluation prompts.
+        intensity: how 16-bit, float and grayscale images become the model's 3-channel input.
     """
 
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        coco: COCO,
-        class_names: Sequence[str],
         pre: Preprocessing,
         prompts: PromptConfig,
         train: bool = False,
         augment: A.Compose | None = None,
         seed: int = 0,
+        intensity: IntensityPolicy | None = None,
     ) -> None:
         self.records = list(records)
-        self.coco = coco
-        names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-        self.class_index = {cid: class_names.index(n) for cid, n in names.items() if n in class_names}
+        self.intensity = intensity or IntensityPolicy()
         self.pre = pre
         self.prompts = prompts
         self.train = train
@@ -76,14 +61,15 @@ class InstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        image = read_rgb(record.path)
-        if image.shape[:2] != (record.height, record.width):
+        image = to_model_range(read_image(record.path), self.intensity, record.path)
+        size = image.shape[:2]
+        if record.height is not None and size != (record.height, record.width):
             raise ValueError(
-                f"{record.path}: image is {image.shape[1]}x{image.shape[0]} but the json says "
-                f"{record.width}x{record.height}"
+                f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
             )
-        masks = [annotation_mask(self.coco, a) for a in record.annotations]
-        classes = [self.class_index[a["category_id"]] for a in record.annotations]
+        if record.boxes is not None:  # given prompts (predict): no ground truth
+            return self.make_sample(image, [], record.box_classes, record, self._rng(record), boxes=record.boxes)
+        masks, classes = record.instances(size)
         if self.augment is not None and masks:
             out = self.augment(image=image, masks=masks)
             kept = [i for i, m in enumerate(out["masks"]) if np.asarray(m).any()]
@@ -106,12 +92,18 @@ class InstanceDataset(Dataset):
         classes: list[int],
         record: ImageRecord,
         rng: np.random.Generator,
+        boxes: np.ndarray | None = None,
     ) -> Sample:
-        """Build prompts from ``masks`` and put image, prompts and targets in the model frame."""
+        """Build prompts from ``masks`` (or take the given ``boxes``) and put everything in the model frame."""
         size = image.shape[:2]
         pixel_values, reshaped = preprocess_image(image, self.pre)
-        mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *size, dtype=torch.bool)
-        boxes = np.stack([mask_to_box(m) for m in masks]) if masks else np.zeros((0, 4), np.float32)
+        given = boxes is not None
+        if given:  # no ground truth: empty masks keep one target per prompt
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            mask_t = torch.zeros(len(boxes), *size, dtype=torch.bool)
+        else:
+            mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *size, dtype=torch.bool)
+            boxes = np.stack([mask_to_box(m) for m in masks]) if masks else np.zeros((0, 4), np.float32)
         sample: Sample = {
             "pixel_values": pixel_values,
             "boxes": torch.from_numpy(boxes),
@@ -123,12 +115,13 @@ class InstanceDataset(Dataset):
             "image_id": record.image_id,
             "file_name": record.path.name,
         }
-        if self.prompts.uses_boxes:
+        if self.prompts.uses_boxes or given:  # given boxes are the only prompt predict has
             prompt_boxes = boxes
             if self.train and masks:
-                prompt_boxes = np.stack([jitter_box(b, self.prompts.box_jitter, size, rng) for b in boxes])
+                jitter = self.prompts.box_jitter
+                prompt_boxes = np.stack([jitter_box(b, jitter, size, rng, self.prompts.jitter_unit) for b in boxes])
             sample["input_boxes"] = scale_coords(torch.from_numpy(prompt_boxes), size, reshaped)
-        if self.prompts.uses_points:
+        if self.prompts.uses_points and not given:
             pos, neg = self.prompts.positive_points, self.prompts.negative_points
             points = np.zeros((len(masks), pos + neg, 2), np.float32)
             labels = np.zeros((len(masks), pos + neg), np.int64)

@@ -14,8 +14,10 @@ class PromptConfig:
 
     Args:
         kind: ``"box"``, ``"points"``, or ``"box+points"``.
-        box_jitter: largest shift of each box side during training, as a fraction of the box's width
-            or height (0 disables). Validation and test boxes are never jittered.
+        box_jitter: largest shift of each box side during training (0 disables). Validation and
+            test boxes are never jittered.
+        jitter_unit: ``"fraction"``: ``box_jitter`` is a fraction of the box's width or height;
+            ``"pixels"``: it is in pixels of the original image (MedSAM used up to 20 px).
         positive_points: points sampled inside the mask.
         negative_points: points sampled outside the mask, inside the box grown by 10 %.
         max_instances: prompts per image in a training step (instances are sampled); validation and
@@ -24,6 +26,7 @@ class PromptConfig:
 
     kind: Literal["box", "points", "box+points"] = "box"
     box_jitter: float = 0.05
+    jitter_unit: Literal["fraction", "pixels"] = "fraction"
     positive_points: int = 1
     negative_points: int = 0
     max_instances: int = 8
@@ -43,12 +46,19 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
 
 
-def jitter_box(box: np.ndarray, fraction: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Move each side of ``box`` by up to ``fraction`` of the box size, kept inside the image."""
-    if fraction <= 0:
+def jitter_box(
+    box: np.ndarray,
+    amount: float,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    unit: Literal["fraction", "pixels"] = "fraction",
+) -> np.ndarray:
+    """Move each side of ``box`` by up to ``amount`` (a fraction of the box size, or pixels), inside the image."""
+    if amount <= 0:
         return box
     w, h = box[2] - box[0], box[3] - box[1]
-    noise = rng.uniform(-fraction, fraction, size=4) * np.array([w, h, w, h])
+    scale = np.array([w, h, w, h]) if unit == "fraction" else np.ones(4)
+    noise = rng.uniform(-amount, amount, size=4) * scale
     out = box + noise
     out[[0, 2]] = np.clip(out[[0, 2]], 0, size[1])
     out[[1, 3]] = np.clip(out[[1, 3]], 0, size[0])

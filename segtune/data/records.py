@@ -1,0 +1,66 @@
+"""One image and where its instances come from: COCO annotations, a mask file, or given boxes.
+
+Every layout (Roboflow COCO, plain COCO, image/mask folders, predict folders) is read into a list
+of :class:`ImageRecord`; the dataset only ever sees records, so adding a layout never touches the
+sample-building code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from segtune.data.masks import MaskFormat, read_instances
+
+
+@dataclass
+class ImageRecord:
+    """An image and its instances.
+
+    Args:
+        image_id: id from the json, or the index of the file in its folder.
+        path: the image file.
+        height: image height from the json, checked against the file; None when only the file knows.
+        width: image width, as ``height``.
+        annotations: COCO annotations, each with the class index added as ``"class_index"``.
+        mask_path: the mask file of an image/mask-folder dataset.
+        mask_format: how to read ``mask_path``.
+        boxes: given ``[N, 4]`` xyxy prompt boxes (predict), with ``box_classes``.
+        box_classes: class index of each given box.
+    """
+
+    image_id: int
+    path: Path
+    height: int | None = None
+    width: int | None = None
+    annotations: list[dict] = field(default_factory=list)
+    mask_path: Path | None = None
+    mask_format: MaskFormat | None = None
+    boxes: np.ndarray | None = None
+    box_classes: list[int] = field(default_factory=list)
+
+    @property
+    def has_instances(self) -> bool:
+        """Whether the record can give a prompt (an empty mask file is only found when read)."""
+        return bool(self.annotations) or self.mask_path is not None or (self.boxes is not None and len(self.boxes) > 0)
+
+    def instances(self, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
+        """Decode the ``[H, W]`` bool instance masks and their class indices for an image of ``size``."""
+        if self.mask_path is not None:
+            return read_instances(self.mask_path, self.mask_format or MaskFormat(), size)
+        masks = [decode_segmentation(a["segmentation"], *size) for a in self.annotations]
+        return masks, [a["class_index"] for a in self.annotations]
+
+
+def decode_segmentation(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, RLE or uncompressed crowd RLE) as an ``[H, W]`` bool mask."""
+    if isinstance(segmentation, list):  # one or several polygons of one instance
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE (iscrowd)
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(bool)

@@ -285,3 +285,63 @@ def test_box_jitter_in_pixels() -> None:
     rng = np.random.default_rng(0)
     moved = np.stack([jitter_box(box, 5, (1000, 1000), rng, "pixels") for _ in range(200)])
     assert np.abs(moved - box).max() <= 5 and np.abs(moved - box).max() > 4
+
+
+# --- through the CLI ----------------------------------------------------------------------------------
+def test_mask_folder_fit_with_yaml_augmentations_then_predict_from_a_boxes_json(
+    run_cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "polyps"
+    _write_mask_folder(data, 10, mask_suffix=".jpg")
+    config = tmp_path / "masks.yaml"
+    config.write_text(
+        f"""
+data:
+  class_path: segtune.data.SegmentationDataModule
+  init_args:
+    root: {data}
+    layout: masks
+    categories: [polyp]
+    batch_size: 2
+    mask_format: {{threshold: 100, instances: components}}
+    augmentations:
+      - class_path: albumentations.HorizontalFlip
+        init_args: {{p: 1.0}}
+      - class_path: albumentations.RandomBrightnessContrast
+"""
+    )
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", quickstart, "--config", config, "--print_config")
+    printed = capsys.readouterr().out
+    assert "albumentations.HorizontalFlip" in printed and "layout: masks" in printed
+    run_cli("fit", "--config", quickstart, "--config", config, "--trainer.fast_dev_run", "2")
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(
+        json.dumps({"case00": {"bbox": [{"label": "polyp", "xmin": 8, "ymin": 5, "xmax": 40, "ymax": 30}]}})
+    )
+    dm = SegmentationDataModule(
+        data, layout="masks", predict_images=data / "images", predict_prompts=boxes, preprocessing=PRE
+    )
+    dm.setup("predict")
+    records = dm.datasets["predict"].records
+    assert len(records) == 10 and [len(r.boxes) for r in records].count(1) == 1  # the others get no prompt
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["input_boxes"].shape == (4, 1, 4) and batch["prompt_valid"].tolist() == [
+        [True],
+        [False],
+        [False],
+        [False],
+    ]
+    run_cli(
+        "predict", "--config", quickstart, "--config", config,
+        "--data.init_args.predict_images", data / "images", "--data.init_args.predict_prompts", boxes,
+    )  # fmt: skip
+
+
+def test_predict_images_without_prompts_is_a_one_line_error(tmp_path: Path) -> None:
+    _write_mask_folder(tmp_path, 2)
+    dm = SegmentationDataModule(tmp_path, layout="masks", predict_images=tmp_path / "images", preprocessing=PRE)
+    with pytest.raises(ValueError, match="predict_images needs data.predict_prompts"):
+        dm.setup("predict")

@@ -88,3 +88,17 @@ def test_own_data_config_snippet_runs(run_cli, shapes_root: Path, tmp_path: Path
         )
     )
     run_cli("fit", "--config", config, "--trainer.fast_dev_run", "true")
+
+
+def test_readme_yaml_fragments_parse_on_the_quickstart(run_cli, tmp_path: Path) -> None:
+    import textwrap
+
+    blocks = [textwrap.dedent(m[1]) for m in re.findall(r"^( *)```yaml\n(.*?)^\1```", README, flags=re.S | re.M)]
+    fragments = [b for b in blocks if not b.startswith("# configs/")]
+    assert fragments  # the data section's augmentation example at least
+    for i, fragment in enumerate(fragments):
+        path = tmp_path / f"fragment{i}.yaml"
+        path.write_text(fragment)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("fit", "--config", ROOT / "configs/quickstart.yaml", "--config", path, "--print_config")
+        assert exit_info.value.code == 0

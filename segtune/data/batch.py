@@ -62,6 +62,20 @@ def _pad(tensors: list[torch.Tensor], length: int, value: float = 0) -> torch.Te
     return out
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, written straight into shared memory inside a DataLoader worker.
+
+    A worker's batch crosses to the main process through shared memory; stacking there directly
+    saves one copy of the largest tensor (96 MiB for 8 images at 1024 px), as ``default_collate`` does.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate(samples: list[Sample]) -> Batch:
     """Stack samples into a :class:`Batch`, padding every image to the most prompts in the batch.
 
@@ -72,7 +86,7 @@ def collate(samples: list[Sample]) -> Batch:
     # image without prompts) still runs the model on a padding prompt instead of a 0-length tensor.
     n = max(1, *(len(s["category_ids"]) for s in samples))
     batch: dict[str, Any] = {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "pixel_values": _stack([s["pixel_values"] for s in samples]),
         "prompt_valid": _pad([torch.ones(len(s["category_ids"]), dtype=torch.bool) for s in samples], n, False),
         "low_res_masks": _pad([s["low_res_masks"] for s in samples], n),
         "boxes": _pad([s["boxes"] for s in samples], n),

@@ -42,8 +42,9 @@ class PromptConfig:
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
     """Tight ``xyxy`` box of a ``[H, W]`` mask; the far edges are exclusive (pixel ``x1 - 1`` is inside)."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+    # any() along each axis reads the mask once, several times faster than np.nonzero
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
 def jitter_box(
@@ -72,12 +73,20 @@ def sample_points(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``positive`` points inside ``mask`` and ``negative`` outside it near the box.
 
+    Args:
+        mask: ``[H, W]`` bool instance mask.
+        box: the mask's tight box (:func:`mask_to_box`); positives are searched inside it only.
+        positive: points inside the mask.
+        negative: points outside the mask, inside the box grown by 10 %.
+        rng: the sample's generator.
+
     Returns:
         ``[P, 2]`` xy points (pixel centres) and ``[P]`` labels (1 inside, 0 outside).
     """
-    ys, xs = np.nonzero(mask)
+    bx0, by0, bx1, by1 = (int(v) for v in box)  # the tight box: every mask pixel lies inside it
+    ys, xs = np.nonzero(mask[by0:by1, bx0:bx1])
     pick = rng.integers(0, len(xs), size=positive)
-    points = [np.stack([xs[pick], ys[pick]], axis=1)]
+    points = [np.stack([xs[pick] + bx0, ys[pick] + by0], axis=1)]
     labels = [np.ones(positive, dtype=np.int64)]
     if negative:
         h, w = mask.shape

@@ -21,6 +21,27 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes_coco(tmp_path_factory.mktemp("shapes"), {"train": 8, "valid": 4, "test": 4}, seed=1)
 
 
+@pytest.fixture(scope="session")
+def masks_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small image/mask folder set (``images/*.jpg``, ``masks/*.png``, 0/255) with no split folders."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("masks")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        image = rng.integers(0, 120, (96, 128, 3), dtype=np.uint8)
+        mask = np.zeros((96, 128), np.uint8)
+        y, x = rng.integers(5, 50), rng.integers(5, 70)
+        mask[y : y + 30, x : x + 40] = 255
+        image[mask > 0] += 100
+        Image.fromarray(image).save(root / "images" / f"case{i:02d}.jpg")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Run ``segtune`` in-process inside ``tmp_path`` (runs/ lands there)."""

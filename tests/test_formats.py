@@ -345,3 +345,10 @@ def test_predict_images_without_prompts_is_a_one_line_error(tmp_path: Path) -> N
     dm = SegmentationDataModule(tmp_path, layout="masks", predict_images=tmp_path / "images", preprocessing=PRE)
     with pytest.raises(ValueError, match="predict_images needs data.predict_prompts"):
         dm.setup("predict")
+
+
+def test_jpeg_decodes_exactly_as_pillow_does(tmp_path: Path) -> None:
+    # HF processors are usually handed a Pillow image: our faster OpenCV decode must give the same pixels
+    smooth = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (120, 170, 3), dtype=np.uint8), (9, 9), 3)
+    Image.fromarray(smooth).save(tmp_path / "x.jpg", quality=80)
+    np.testing.assert_array_equal(read_image(tmp_path / "x.jpg"), np.asarray(Image.open(tmp_path / "x.jpg")))

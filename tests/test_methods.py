@@ -170,9 +170,15 @@ def test_export_command(method: str, run_cli, shapes_root: Path, tmp_path: Path,
     )  # fmt: skip
     run = cwd / "runs/quickstart/version_0"
     best = next((run / "checkpoints").glob("best-*.ckpt"))
-    module = getattr(__import__("segtune.methods", fromlist=[method]), method).load_from_checkpoint(best)
-    module.configure_model()
-    module.eval()
+    import warnings
+
+    from segtune.methods.base import load_method
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = load_method(best).eval()
+    assert type(module).__name__ == method
+    assert not [w for w in caught if "not in the checkpoint" in str(w.message)]  # frozen weights are not "missing"
     inputs = _inputs(module.preprocessing)
     with torch.no_grad():
         expected = module.model(**inputs, multimask_output=False).pred_masks
@@ -189,3 +195,62 @@ def test_export_command(method: str, run_cli, shapes_root: Path, tmp_path: Path,
     with torch.no_grad():
         assert _close(merged(**inputs, multimask_output=False).pred_masks, expected, 1e-5)
     assert not isinstance(merged, PeftModel)
+
+
+def test_models_command_lists_presets_and_finds_the_hf_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+    import huggingface_hub.constants
+
+    from segtune.cli import main
+
+    # a fake HF cache holding only sam-vit-base's config (a tiny one, so its parameter count is known)
+    snapshot = tmp_path / "models--facebook--sam-vit-base" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    PRESETS["sam-tiny"].config().to_json_file(snapshot / "config.json")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models"])
+    assert exit_info.value.code == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(PRESETS)
+    tiny_params = sum(p.numel() for p in load_model("sam-tiny")[0].parameters())
+    assert rows["sam-tiny"][1:5] == ["SamModel", "-", f"{tiny_params / 1e3:.0f}k", "256"]
+    assert " ".join(rows["sam-tiny"][5:]) == "built-in (random)"
+    assert rows["sam-vit-base"][2:] == ["facebook/sam-vit-base", f"{tiny_params / 1e3:.0f}k", "1024", "HF", "cache"]
+    assert rows["sam-vit-huge"][-2:] == ["not", "downloaded"]
+
+
+def test_models_download_without_network_is_one_line(monkeypatch, capsys, tmp_path: Path) -> None:
+    import huggingface_hub.constants
+
+    from segtune.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "--download", "sam-vit-base"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("segtune models: could not download facebook/sam-vit-base") and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "--download", "sam-tiny"])
+    assert exit_info.value.code == 2
+
+
+def test_edgetam_lora_trains_a_step() -> None:
+    reason = "EdgeTAM needs timm and torchvision (no CPU build of torchvision here): covered on a GPU machine"
+    pytest.importorskip("torchvision", reason=reason)
+    pytest.importorskip("timm", reason=reason)
+    from transformers import EdgeTamConfig, EdgeTamModel
+
+    from segtune.models.adapters import add_lora
+    from segtune.models.sanitise import Sanitiser
+
+    preset = PRESETS["edgetam"]
+    model = add_lora(EdgeTamModel(EdgeTamConfig()), preset.lora_targets, modules_to_save=["mask_decoder"])
+    batch = {**_inputs(preset.preprocessing, n=1), "file_names": ["x.png"], "attention_mask": torch.ones(1)}
+    out = model(**Sanitiser(model)(batch), multimask_output=False)
+    out.pred_masks.float().mean().backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,6 +255,10 @@ def load_method(ckpt_path: str | Path) -> SegmentationModule:
     cls = getattr(sys.modules.get(module_path), name, None)
     if not (isinstance(cls, type) and issubclass(cls, SegmentationModule)):
         raise ValueError(f"{ckpt_path}: not a segtune checkpoint (method class {hparams.get('_class_path')!r})")
-    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    with warnings.catch_warnings():
+        # A LoRA checkpoint holds only trainable weights: Lightning would list every frozen one as
+        # missing. on_load_checkpoint has already checked that no trainable weight is missing.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+        module = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
     module.configure_model()
     return module

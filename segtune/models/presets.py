@@ -16,6 +16,9 @@ from segtune.data.preprocessing import Preprocessing
 # and the two-way transformer of the mask decoder (`out_proj` in Sam/SamHQ, `o_proj` in Sam2/Sam3).
 SAM_ENCODER_TARGETS = r".*vision_encoder\..*\.qkv"
 SAM3_ENCODER_TARGETS = r".*vision_encoder\..*\.(q_proj|k_proj|v_proj)"
+# EdgeTAM's image encoder is RepViT, a convnet from timm with no attention projections: LoRA goes on
+# the 1x1 convs of its FPN neck (peft adapts Conv2d); a regex can reach the backbone's convs too.
+EDGETAM_TARGETS = r".*vision_encoder\.neck\.convs\.\d+"
 DECODER_TARGETS = r".*mask_decoder\.transformer\..*\.(q_proj|k_proj|v_proj|out_proj|o_proj)"
 
 
@@ -132,6 +135,6 @@ PRESETS: dict[str, ModelPreset] = {
             for size in ("tiny", "small", "base-plus", "large")
         ],
         ModelPreset("sam3tracker", "Sam3TrackerModel", "facebook/sam3", _SAM3, SAM3_ENCODER_TARGETS),
-        ModelPreset("edgetam", "EdgeTamModel", "yonigozlan/EdgeTAM-hf", _SAM2),
+        ModelPreset("edgetam", "EdgeTamModel", "yonigozlan/EdgeTAM-hf", _SAM2, EDGETAM_TARGETS),
     ]
 }

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from peft import PeftModel
 
+from segtune.data.images import read_image
+from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.models.adapters import save_adapter
+from segtune.reports import coco_results, instance_rows, summarise, summary_table, write_test_report
+from segtune.visualise import grid, instance_index_mask, overlay, to_uint8_rgb
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +58,170 @@ class ExportBestAdapter(Callback):
         (folder / "best_checkpoint.txt").write_text(f"{ckpt.best_model_path}\n{ckpt.monitor}={score}\n")
         self._exported_score = score
         log.info("adapter of the best checkpoint (%s=%.4f) written to %s", ckpt.monitor, score, folder)
+
+
+def _run_folder(trainer: Trainer) -> Path:
+    """The run's folder (``runs/<name>/version_N``), or the Trainer's root without a logger."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _original_image(trainer: Trainer, path: str) -> np.ndarray:
+    """The image file as uint8 RGB, through the data's own intensity policy."""
+    policy = getattr(getattr(trainer, "datamodule", None), "intensity", None) or IntensityPolicy()
+    return to_uint8_rgb(to_model_range(read_image(Path(path)), policy, path))
+
+
+def _gather(trainer: Trainer, items: list) -> list:
+    """Every process's ``items`` on every process (a no-op in one process)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return items
+    gathered: list[list] = [[] for _ in range(trainer.world_size)]
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+class TestReport(Callback):
+    """``segtune test``: write ``test_metrics.json`` and ``test_per_image.csv`` into the run folder
+    and print a short table (overall, per class, worst images)."""
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows: list[dict] = []
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or "masks" not in outputs:
+            return
+        for i, preds in enumerate(outputs["masks"]):
+            target = batch["masks"][i]
+            self.rows += instance_rows(
+                batch["image_ids"][i], batch["file_names"][i], preds, target, pl_module.box_floor(batch, i),
+                batch["category_ids"][i, : len(target)], outputs["scores"][i], pl_module.class_names,
+            )  # fmt: skip
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = _gather(trainer, self.rows)
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        if not rows:
+            log.warning("test report: no instance was scored, nothing written")
+            return
+        report = summarise(rows)
+        json_path, csv_path = write_test_report(report, _run_folder(trainer))
+        print(f"\n{summary_table(report)}\nTest report: {json_path} and {csv_path}")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """``segtune predict``: per image a mask PNG (instance ``i`` stored as ``i + 1``) and an overlay
+    JPEG (contours, class names, predicted IoU); for all images one ``predictions.json`` in COCO
+    results format (RLE masks) that ``COCO.loadRes`` reads.
+
+    Args:
+        output_dir: where to write; relative paths are inside the run folder.
+        overlays: also write the overlay JPEGs (the slowest part).
+    """
+
+    def __init__(self, output_dir: str = "predictions", overlays: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.overlays = overlays
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder = _run_folder(trainer) / self.output_dir
+        (self.folder / "masks").mkdir(parents=True, exist_ok=True)
+        if self.overlays:
+            (self.folder / "overlays").mkdir(exist_ok=True)
+        self.results: list[dict] = []
+
+    def write_on_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        datamodule = getattr(trainer, "datamodule", None)
+        names = pl_module.class_names
+        for item in prediction:
+            masks, scores = item["masks"].numpy(), item["scores"].numpy()
+            classes = [int(c) for c in item["category_ids"]]
+            stem = Path(item["file_name"]).stem
+            cv2.imwrite(str(self.folder / "masks" / f"{stem}.png"), instance_index_mask(masks, scores))
+            if self.overlays:
+                image = _original_image(trainer, item["image_path"])
+                labels = [
+                    f"{names[c] if 0 <= c < len(names) else c} {s:.2f}" for c, s in zip(classes, scores, strict=True)
+                ]
+                drawn = overlay(image, masks, labels, colours=classes)
+                cv2.imwrite(str(self.folder / "overlays" / f"{stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+            ids = [datamodule.category_id(c) if hasattr(datamodule, "category_id") else c + 1 for c in classes]
+            self.results += coco_results(item["image_id"], masks, scores, ids)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results = _gather(trainer, self.results)
+        if trainer.is_global_zero:
+            path = self.folder / "predictions.json"
+            path.write_text(json.dumps(results))
+            print(f"Predictions: {len(results)} masks written to {self.folder}")
+
+
+class ValidationImages(Callback):
+    """Every ``every_n_epochs``, save a grid of validation images: image | ground truth | prediction.
+
+    Written as ``<run>/val_images/epoch_EEE.png`` and, when the logger is TensorBoard, as the
+    ``val_images`` image there.
+
+    Args:
+        every_n_epochs: how often (0 disables).
+        max_images: images in the grid (the first of the validation set, so epochs compare).
+        height: height of each panel in pixels.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, max_images: int = 6, height: int = 256) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.max_images = max_images
+        self.height = height
+
+    def _due(self, trainer: Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        return bool(self.every_n_epochs) and not trainer.sanity_checking and epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows: list[list[np.ndarray]] = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._due(trainer) or not trainer.is_global_zero or len(self.rows) >= self.max_images:
+            return
+        if not isinstance(outputs, dict) or "masks" not in outputs:
+            return
+        for i, preds in enumerate(outputs["masks"][: self.max_images - len(self.rows)]):
+            image = _original_image(trainer, batch["image_paths"][i])
+            target = batch["masks"][i].cpu().numpy()
+            classes = batch["category_ids"][i, : len(target)].tolist()
+            self.rows.append(
+                [image, overlay(image, target, colours=classes), overlay(image, preds.cpu().numpy(), colours=classes)]
+            )
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.rows or not trainer.is_global_zero:
+            return
+        picture = grid(self.rows, self.height)
+        folder = _run_folder(trainer) / "val_images"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"epoch_{trainer.current_epoch:03d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val_images", picture, trainer.global_step, dataformats="HWC")
+        self.rows = []

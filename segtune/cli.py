@@ -13,7 +13,7 @@ from dataclasses import asdict
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from segtune.callbacks import ExportBestAdapter, ReportBestCheckpoint
+from segtune.callbacks import ExportBestAdapter, PredictionWriter, ReportBestCheckpoint, TestReport, ValidationImages
 from segtune.commands import export_command, models_command
 from segtune.data.datamodule import SegmentationDataModule
 from segtune.methods.base import SegmentationModule
@@ -38,7 +38,8 @@ class SegtuneCLI(LightningCLI):
 
 
 def trainer_defaults() -> dict:
-    """Runs land in ``runs/<name>/version_N/``; best (highest ``val_dice``) and last checkpoints."""
+    """Runs land in ``runs/<name>/version_N/``: best (highest ``val_dice``) and last checkpoints, the
+    LoRA adapter, validation pictures, test reports and predictions."""
     return {
         "default_root_dir": "runs",
         "logger": {
@@ -55,6 +56,9 @@ def trainer_defaults() -> dict:
             ),  # fmt: skip
             ReportBestCheckpoint(),
             ExportBestAdapter(),
+            TestReport(),
+            PredictionWriter(),
+            ValidationImages(),
         ],
     }
 

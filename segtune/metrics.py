@@ -15,6 +15,26 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.functional.segmentation import dice_score, mean_iou
 
 
+def instance_scores(preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "iou"]) -> torch.Tensor:
+    """Dice or IoU of each instance: ``[N, H, W]`` bool masks -> ``[N]`` scores (both empty: 1).
+
+    Raises:
+        TypeError: for float masks, which torchmetrics would silently miscount.
+    """
+    if preds.dtype != torch.bool or target.dtype != torch.bool:
+        raise TypeError("instance scores take bool masks: threshold predictions first")
+    if preds.shape[0] == 0:
+        return torch.zeros(0, device=preds.device)
+    # One instance per sample, one "class" in one-hot layout: [N, 1, H, W].
+    p, t = preds[:, None].long(), target[:, None].long()
+    if kind == "dice":
+        score = dice_score(p, t, num_classes=1, include_background=True, average="none", input_format="one-hot")
+    else:
+        score = mean_iou(p, t, num_classes=1, include_background=True, per_class=True, input_format="one-hot")
+    both_empty = ~(preds.flatten(1).any(1) | target.flatten(1).any(1))
+    return torch.where(both_empty, 1.0, score[:, 0].float())
+
+
 class InstanceOverlap(Metric):
     """Mean per-instance Dice or IoU of binary masks, overall and for each class.
 
@@ -45,18 +65,9 @@ class InstanceOverlap(Metric):
             target: ``[N, H, W]`` bool ground truth.
             classes: ``[N]`` class indices.
         """
-        if preds.dtype != torch.bool or target.dtype != torch.bool:
-            raise TypeError("InstanceOverlap takes bool masks: threshold predictions first")
         if preds.shape[0] == 0:
             return
-        # One instance per sample, one "class" in one-hot layout: [N, 1, H, W].
-        p, t = preds[:, None].long(), target[:, None].long()
-        if self.kind == "dice":
-            score = dice_score(p, t, num_classes=1, include_background=True, average="none", input_format="one-hot")
-        else:
-            score = mean_iou(p, t, num_classes=1, include_background=True, per_class=True, input_format="one-hot")
-        both_empty = ~(preds.flatten(1).any(1) | target.flatten(1).any(1))
-        score = torch.where(both_empty, 1.0, score[:, 0].double())
+        score = instance_scores(preds, target, self.kind).double()
         classes = classes.clamp(min=0).to(self.score_sum.device)
         self.score_sum.index_add_(0, classes, score)
         self.count.index_add_(0, classes, torch.ones_like(score))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
 
 from tests.conftest import CONFIGS
 
@@ -62,9 +68,13 @@ def test_quickstart_fast_dev_run(run_cli, shapes_root: Path) -> None:
 
 def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--config", QUICKSTART, "--data.init_args.root", shapes_root]
-    cwd = run_cli("fit", *common, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1")
+    pictures = ["--trainer.callbacks+=segtune.callbacks.ValidationImages", "--trainer.callbacks.every_n_epochs=1"]
+    cwd = run_cli("fit", *common, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1", *pictures)
     run = cwd / "runs" / "quickstart" / "version_0"
     assert (run / "config.yaml").is_file()
+    for epoch in (0, 1):  # image | ground truth | prediction, one row per validation image (4)
+        picture = cv2.imread(str(run / "val_images" / f"epoch_{epoch:03d}.png"))
+        assert picture is not None and picture.shape[0] == 4 * 256 and picture.shape[1] >= 3 * 256
     best = sorted((run / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
     assert "Best checkpoint (val_dice=" in capsys.readouterr().out
@@ -73,10 +83,26 @@ def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.
         assert key in fit_metrics, key
     assert 0.0 <= fit_metrics["val_dice"] <= 1.0
 
+    capsys.readouterr()
     run_cli("test", *common, "--ckpt_path", best[0])
-    test_metrics = _metrics(cwd / "runs" / "quickstart" / "version_1")
+    test_run = cwd / "runs" / "quickstart" / "version_1"
+    test_metrics = _metrics(test_run)
     for key in ("test_dice", "test_iou", "test_box_dice"):
         assert 0.0 <= test_metrics[key] <= 1.0, key
+    # the report's means are the logged metrics, per image rows cover the test split
+    report = json.loads((test_run / "test_metrics.json").read_text())
+    assert report["overall"]["dice"] == pytest.approx(test_metrics["test_dice"], abs=1e-5)
+    assert report["overall"]["iou"] == pytest.approx(test_metrics["test_iou"], abs=1e-5)
+    assert report["overall"]["box_dice"] == pytest.approx(test_metrics["test_box_dice"], abs=1e-5)
+    for name, scores in report["per_class"].items():
+        assert scores["dice"] == pytest.approx(test_metrics[f"test_dice/{name}"], abs=1e-5)
+    with open(test_run / "test_per_image.csv") as f:
+        per_image = list(csv.DictReader(f))
+    test_json = json.loads((shapes_root / "test" / "_annotations.coco.json").read_text())
+    assert len(per_image) == len(test_json["images"])
+    assert sum(int(r["instances"]) for r in per_image) == len(test_json["annotations"])
+    out = capsys.readouterr().out
+    assert "Test report:" in out and "worst:" in out
 
     run_cli("validate", *common, "--ckpt_path", best[0])
     # validating the best checkpoint reproduces the val_dice it was selected by
@@ -85,6 +111,19 @@ def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.
     )
 
     run_cli("predict", *common, "--ckpt_path", best[0])
+    predictions = cwd / "runs" / "quickstart" / "version_3" / "predictions"
+    for image in test_json["images"]:
+        stem = Path(image["file_name"]).stem
+        mask = cv2.imread(str(predictions / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (image["height"], image["width"]) and mask.dtype == np.uint8
+        n = sum(a["image_id"] == image["id"] for a in test_json["annotations"])
+        assert set(np.unique(mask).tolist()) <= set(range(n + 1))
+        assert cv2.imread(str(predictions / "overlays" / f"{stem}.jpg")).shape[:2] == mask.shape
+    gt = COCO(str(shapes_root / "test" / "_annotations.coco.json"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = gt.loadRes(str(predictions / "predictions.json"))
+    assert len(results.anns) == len(test_json["annotations"])
+    assert {a["category_id"] for a in results.anns.values()} <= {c["id"] for c in test_json["categories"]}
 
 
 def test_lora_checkpoint_holds_only_trainable_weights(run_cli, shapes_root: Path) -> None:
@@ -96,3 +135,18 @@ def test_lora_checkpoint_holds_only_trainable_weights(run_cli, shapes_root: Path
     keys = set(ckpt["state_dict"])
     assert keys and all("lora_" in k or "modules_to_save" in k for k in keys)
     assert not any("base_layer" in k for k in keys)
+
+
+def test_validation_images_reach_tensorboard(run_cli, shapes_root: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cwd = run_cli(
+        "fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "1", "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir", "tb", "--trainer.callbacks+=segtune.callbacks.ValidationImages",
+        "--trainer.callbacks.every_n_epochs=1",
+    )  # fmt: skip
+    events = EventAccumulator(str(cwd / "tb" / "quickstart" / "version_0")).Reload()
+    assert "val_images" in events.Tags()["images"]
+    assert (cwd / "tb" / "quickstart" / "version_0" / "val_images" / "epoch_000.png").is_file()

@@ -27,6 +27,7 @@ class Sample(TypedDict, total=False):
     reshaped_size: tuple[int, int]  # (h, w) inside the model input before padding
     image_id: int
     file_name: str
+    image_path: str  # the file, for writers that draw on the original image
 
 
 class Batch(TypedDict, total=False):
@@ -36,8 +37,8 @@ class Batch(TypedDict, total=False):
     ``input_points`` ``[B, N, P, 2]`` and ``input_labels`` ``[B, N, P]``.
     Metadata: ``prompt_valid`` ``[B, N]`` bool, ``low_res_masks`` ``[B, N, s, s]``, ``boxes``
     ``[B, N, 4]``, ``category_ids`` ``[B, N]`` (-1 on padding), ``original_sizes`` and
-    ``reshaped_sizes`` ``[B, 2]``, ``masks`` (a list of ``[N_i, H_i, W_i]`` bool), ``image_ids`` and
-    ``file_names`` (lists).
+    ``reshaped_sizes`` ``[B, 2]``, ``masks`` (a list of ``[N_i, H_i, W_i]`` bool), ``image_ids``,
+    ``file_names`` and ``image_paths`` (lists).
     """
 
     pixel_values: torch.Tensor
@@ -53,6 +54,7 @@ class Batch(TypedDict, total=False):
     masks: list[torch.Tensor]
     image_ids: list[int]
     file_names: list[str]
+    image_paths: list[str]
 
 
 def _pad(tensors: list[torch.Tensor], length: int, value: float = 0) -> torch.Tensor:
@@ -96,6 +98,7 @@ def collate(samples: list[Sample]) -> Batch:
         "masks": [s["masks"] for s in samples],
         "image_ids": [s["image_id"] for s in samples],
         "file_names": [s["file_name"] for s in samples],
+        "image_paths": [s["image_path"] for s in samples],
     }
     if "input_boxes" in samples[0]:
         boxes = _pad([s["input_boxes"] for s in samples], n)

@@ -125,6 +125,7 @@ class SegmentationDataModule(LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, InstanceDataset] = {}
         self._class_names: list[str] | None = None
+        self._coco_ids: dict[str, int] = {}
 
     # --- classes -----------------------------------------------------------------------------------
     @property
@@ -133,6 +134,16 @@ class SegmentationDataModule(LightningDataModule):
         if self._class_names is None:
             self._class_names = list(self.categories) if self.categories is not None else self._find_class_names()
         return self._class_names
+
+    def category_id(self, class_index: int) -> int:
+        """The category id class ``class_index`` has in the dataset's COCO json (``index + 1`` for masks),
+        so prediction files line up with the ground truth in COCO tools."""
+        name = self.class_names[class_index] if 0 <= class_index < len(self.class_names) else None
+        return self._coco_ids.get(name, class_index + 1)
+
+    def _remember_ids(self, coco) -> None:
+        for c in sorted(coco.dataset["categories"], key=lambda c: -c["id"]):  # the lowest id of a name wins
+            self._coco_ids[c["name"]] = c["id"]
 
     def _find_class_names(self) -> list[str]:
         if self.layout == "masks":
@@ -176,7 +187,9 @@ class SegmentationDataModule(LightningDataModule):
         else:
             json_path = self._coco_json(stage)
             image_dir = json_path.parent if self.layout == "roboflow" else self.root / self.image_dir
-            records, dropped = coco_records(load_coco(json_path), json_path, image_dir, self.class_names)
+            coco = load_coco(json_path)
+            self._remember_ids(coco)
+            records, dropped = coco_records(coco, json_path, image_dir, self.class_names)
             if dropped:
                 log.info("%s: %d annotations of unselected categories ignored", json_path, dropped)
         if self._split_by_file(stage):
@@ -200,10 +213,9 @@ class SegmentationDataModule(LightningDataModule):
                 f"{self.predict_images}: data.predict_images needs data.predict_prompts (a COCO or boxes json)"
             )
         if _is_coco(self.predict_prompts):
-            records, _ = coco_records(
-                load_coco(self.predict_prompts), self.predict_prompts, self.predict_images, self.class_names
-            )
-            return records
+            coco = load_coco(self.predict_prompts)
+            self._remember_ids(coco)
+            return coco_records(coco, self.predict_prompts, self.predict_images, self.class_names)[0]
         return boxes_records(self.predict_prompts, self.predict_images, self.class_names)
 
     # --- Lightning hooks -------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class InstanceDataset(Dataset):
             "reshaped_size": reshaped,
             "image_id": record.image_id,
             "file_name": record.path.name,
+            "image_path": str(record.path),
         }
         if self.prompts.uses_boxes or given:  # given boxes are the only prompt predict has
             prompt_boxes = boxes

@@ -129,18 +129,27 @@ class SegmentationModule(LightningModule):
         self.log_dict({f"train_loss/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
         return losses["loss"]
 
-    def _evaluate(self, batch: Batch, stage: str) -> None:
+    def _evaluate(self, batch: Batch, stage: str) -> dict[str, list[torch.Tensor]]:
         out = self(batch)
         n = len(batch["image_ids"])
         self.log(f"{stage}_loss", self._loss(out, batch)["loss"], batch_size=n, sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics")
         box_metrics = getattr(self, f"{stage}_box_metrics")
-        for i, masks in enumerate(self.masks_at_original_size(out, batch)):
+        predicted = self.masks_at_original_size(out, batch)
+        for i, masks in enumerate(predicted):
             target = batch["masks"][i]
             classes = batch["category_ids"][i, : len(target)]
             metrics.update(masks, target, classes)
-            size = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
-            box_metrics.update(filled_boxes(batch["boxes"][i, : len(target)], size), target, classes)
+            box_metrics.update(self.box_floor(batch, i), target, classes)
+        scores = self._best_mask(out)[1]
+        # for callbacks (test report, validation pictures); Lightning does not keep them
+        return {"masks": predicted, "scores": [scores[i, : len(m)] for i, m in enumerate(predicted)]}
+
+    @staticmethod
+    def box_floor(batch: Batch, i: int) -> torch.Tensor:
+        """``[N, H, W]`` the filled box of each prompt of image ``i``: the floor a model must beat."""
+        size = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
+        return filled_boxes(batch["boxes"][i, : len(batch["masks"][i])], size)
 
     def _log_metrics(self, stage: str) -> None:
         for name in (f"{stage}_metrics", f"{stage}_box_metrics"):
@@ -148,14 +157,14 @@ class SegmentationModule(LightningModule):
             self.log_dict(collection.compute(), prog_bar=name == f"{stage}_metrics")
             collection.reset()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list[torch.Tensor]]:
+        return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, list[torch.Tensor]]:
+        return self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -167,6 +176,8 @@ class SegmentationModule(LightningModule):
             {
                 "image_id": batch["image_ids"][i],
                 "file_name": batch["file_names"][i],
+                "image_path": batch["image_paths"][i],
+                "original_size": tuple(int(v) for v in batch["original_sizes"][i]),
                 "masks": masks.cpu(),
                 "scores": scores[i, : len(masks)].float().cpu(),
                 "category_ids": batch["category_ids"][i, : len(masks)].cpu(),

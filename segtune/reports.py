@@ -1,0 +1,112 @@
+"""Test reports: per-instance scores -> per-image and per-class tables, json and csv files, and
+COCO results (RLE) for predictions. No Lightning here."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from segtune.metrics import instance_scores
+
+
+def instance_rows(
+    image_id: int,
+    file_name: str,
+    preds: torch.Tensor,
+    target: torch.Tensor,
+    box_floor: torch.Tensor,
+    classes: torch.Tensor,
+    predicted_iou: torch.Tensor,
+    class_names: list[str],
+) -> list[dict[str, Any]]:
+    """One row per instance of one image: its class, Dice, IoU, box-floor Dice and predicted IoU."""
+    dice = instance_scores(preds, target, "dice").tolist()
+    iou = instance_scores(preds, target, "iou").tolist()
+    box = instance_scores(box_floor, target, "dice").tolist()
+    return [
+        {
+            "image_id": image_id,
+            "file_name": file_name,
+            "instance": k,
+            "class": class_names[int(c)] if 0 <= int(c) < len(class_names) else str(int(c)),
+            "dice": dice[k],
+            "iou": iou[k],
+            "box_dice": box[k],
+            "predicted_iou": float(predicted_iou[k]),
+        }
+        for k, c in enumerate(classes.tolist())
+    ]
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall, per-class and per-image means of per-instance rows (the same means as ``test_dice``)."""
+    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_class[row["class"]].append(row)
+        by_image[row["image_id"]].append(row)
+
+    def scores(group: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"instances": len(group), **{k: _mean(group, k) for k in ("dice", "iou", "box_dice")}}
+
+    return {
+        "overall": scores(rows),
+        "per_class": {name: scores(group) for name, group in sorted(by_class.items())},
+        "per_image": [
+            {"image_id": image_id, "file_name": group[0]["file_name"], **scores(group)}
+            for image_id, group in sorted(by_image.items(), key=lambda item: item[1][0]["file_name"])
+        ],
+        "per_instance": rows,
+    }
+
+
+def write_test_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+    """Write ``test_metrics.json`` (everything) and ``test_per_image.csv`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "test_metrics.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    csv_path = folder / "test_per_image.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", "file_name", "instances", "dice", "iou", "box_dice"])
+        writer.writeheader()
+        writer.writerows(report["per_image"])
+    return json_path, csv_path
+
+
+def summary_table(report: dict[str, Any], worst: int = 3) -> str:
+    """A short text table: overall, each class, and the images with the lowest Dice."""
+    lines = [f"{'':<24} {'instances':>9} {'dice':>7} {'iou':>7} {'box dice':>9}"]
+
+    def line(name: str, s: dict[str, Any]) -> str:
+        return f"{name[:24]:<24} {s['instances']:>9} {s['dice']:>7.4f} {s['iou']:>7.4f} {s['box_dice']:>9.4f}"
+
+    lines.append(line("all", report["overall"]))
+    if len(report["per_class"]) > 1:
+        lines += [line(name, s) for name, s in report["per_class"].items()]
+    for image in sorted(report["per_image"], key=lambda r: r["dice"])[:worst]:
+        lines.append(line(f"worst: {image['file_name']}", image))
+    return "\n".join(lines)
+
+
+def coco_results(image_id: int, masks: np.ndarray, scores: np.ndarray, category_ids: list[int]) -> list[dict[str, Any]]:
+    """COCO results entries (``loadRes`` format) for one image's ``[N, H, W]`` bool masks, RLE-encoded."""
+    results = []
+    for mask, score, category in zip(masks, scores, category_ids, strict=True):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append(
+            {"image_id": image_id, "category_id": int(category), "segmentation": rle, "score": float(score),
+             "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle))}
+        )  # fmt: skip
+    return results

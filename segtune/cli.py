@@ -15,13 +15,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from segtune.callbacks import ExportBestAdapter, PredictionWriter, ReportBestCheckpoint, TestReport, ValidationImages
 from segtune.commands import export_command, models_command
+from segtune.compare import compare_command
 from segtune.data.datamodule import SegmentationDataModule
 from segtune.methods.base import SegmentationModule
 from segtune.models.loading import preprocessing_for
 
 DESCRIPTION = (
-    "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME) and "
-    "`segtune export --ckpt_path CKPT --output DIR [--merge]`."
+    "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME), "
+    "`segtune export --ckpt_path CKPT --output DIR [--merge]` and `segtune compare --config C [--dry-run]`."
 )
 
 
@@ -66,9 +67,9 @@ def trainer_defaults() -> dict:
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (``args`` replaces ``sys.argv[1:]``, for tests)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("models", "export"):
-        command = models_command if argv[0] == "models" else export_command
-        raise SystemExit(command(argv[1:]))
+    commands = {"models": models_command, "export": export_command, "compare": compare_command}
+    if argv and argv[0] in commands:
+        raise SystemExit(commands[argv[0]](argv[1:]))
     _show_segtune_logs()
     SegtuneCLI(
         SegmentationModule,

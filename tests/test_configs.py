@@ -11,7 +11,7 @@ import yaml
 from segtune.models.presets import PRESETS
 from tests.conftest import CONFIGS
 
-SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "quickstart.yaml")
+SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("quickstart.yaml", "compare.yaml"))
 TINY = {
     "SamModel": "sam-tiny",
     "SamHQModel": "samhq-tiny",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import PeftModel
 
 from segtune.data.images import read_image
@@ -225,3 +229,62 @@ class ValidationImages(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val_images", picture, trainer.global_step, dataformats="HWC")
         self.rows = []
+
+
+class RestoreRNG(Callback):
+    """Keep the random number generators' states in checkpoints, so a resumed fit draws the same
+    shuffles, prompt jitters and augmentations as an uninterrupted one (bit-identical on CPU)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # plain lists and tensors: the checkpoint stays loadable with weights_only=True
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "python": [version, list(internal), gauss],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        name, keys, *rest = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside it and rename it into place.
+
+    A process killed while saving (``kill -9``, out of memory, a lost node) leaves the previous
+    file intact rather than a truncated one that cannot resume.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint gets the usual permissions
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class FlushLogsEachEpoch(Callback):
+    """Write the loggers' buffered rows at every epoch end (CSVLogger keeps 100 steps in memory),
+    so a killed run keeps the metrics of every finished epoch and a resume appends to them."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.save()

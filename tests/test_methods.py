@@ -137,11 +137,18 @@ def test_qlora_quantises_the_encoder_not_the_decoder() -> None:
 
 
 def test_missing_model_is_one_line_that_says_how_to_get_it(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its constant (no network here anyway)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as info:
         load_model("no-such-org/no-such-sam")
     message = str(info.value)
-    assert "\n" not in message and "segtune models --download" in message and "HF_HUB_OFFLINE" in message
+    assert "\n" not in message and "hf download no-such-org/no-such-sam" in message and "HF_HUB_OFFLINE" in message
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelNotFoundError, match=r"Run `segtune models --download sam-vit-huge`"):
+        load_model("sam-vit-huge")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="not a Hugging Face model folder"):
         load_model(str(tmp_path / "empty"))

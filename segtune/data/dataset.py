@@ -70,7 +70,10 @@ class InstanceDataset(Dataset):
         if record.boxes is not None:  # given prompts (predict): no ground truth
             return self.make_sample(image, [], record.box_classes, record, self._rng(record), boxes=record.boxes)
         masks, classes = record.instances(size)
+        rng = self._rng(record)
         if self.augment is not None and masks:
+            # albumentations keeps its own generator: seed it from ours so runs (and resumes) repeat
+            self.augment.set_random_seed(int(rng.integers(2**31)))
             out = self.augment(image=image, masks=masks)
             kept = [i for i, m in enumerate(out["masks"]) if np.asarray(m).any()]
             if kept:  # an augmentation that crops every instance away keeps the original
@@ -78,7 +81,6 @@ class InstanceDataset(Dataset):
                 masks = [np.asarray(out["masks"][i]).astype(bool) for i in kept]
                 classes = [classes[i] for i in kept]
         keep = [i for i, m in enumerate(masks) if m.any()]
-        rng = self._rng(record)
         if self.train and len(keep) > self.prompts.max_instances:
             keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
         masks = [masks[i] for i in keep]

@@ -46,6 +46,9 @@ class SegmentationModule(LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         gradient_clip_val: clip the gradient norm to this when the Trainer sets no
             ``gradient_clip_val`` of its own (None: no clipping).
+        nonfinite_loss: on a NaN or infinite training loss, ``"stop"`` training with a message
+            naming the step and the batch's files (the last checkpoint is kept as it was), or
+            ``"skip"`` the batch with a warning.
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -65,6 +68,7 @@ class SegmentationModule(LightningModule):
         iou_weight: float = 1.0,
         gradient_checkpointing: bool = False,
         gradient_clip_val: float | None = None,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,12 +126,27 @@ class SegmentationModule(LightningModule):
     def _loss(self, out: Any, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(out.pred_masks, out.iou_scores, batch["low_res_masks"], batch["prompt_valid"])
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         losses = self._loss(self(batch), batch)
+        if not torch.isfinite(losses["loss"]):
+            return self._nonfinite(losses["loss"], batch)
         n = len(batch["image_ids"])
         self.log("train_loss", losses["loss"], prog_bar=True, batch_size=n)
         self.log_dict({f"train_loss/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
         return losses["loss"]
+
+    def _nonfinite(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        where = f"training loss is {loss.item()} at step {self.global_step} (files: {', '.join(batch['file_names'])})"
+        if self.hparams.nonfinite_loss == "stop":
+            raise FloatingPointError(
+                f"{where}; training stopped, the last checkpoint is kept. Lower the learning rate, check those "
+                "images, or set model.init_args.nonfinite_loss: skip"
+            )
+        log.warning("%s: batch skipped", where)
+        if self.trainer.world_size > 1:
+            # every process must run backward in step: a zero loss on the graph adds no gradient
+            return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
+        return None  # Lightning skips the optimiser step
 
     def _evaluate(self, batch: Batch, stage: str) -> dict[str, list[torch.Tensor]]:
         out = self(batch)

@@ -110,10 +110,15 @@ def _processor_config(source: str) -> dict[str, Any] | None:
 def _not_found_message(name: str, source: str, error: Exception) -> str:
     if Path(name).expanduser().exists():
         return f"{name}: not a Hugging Face model folder ({str(error).splitlines()[0]})"
+    fetch = (
+        f"`segtune models --download {name}`"
+        if name in PRESETS
+        else f"`hf download {source}` (or `segtune models` for the presets)"
+    )
     return (
         f"model {name!r} not found: it is not a local folder and {source!r} is not in the Hugging Face cache "
-        f"and could not be downloaded. Run `segtune models --download {name}` where a network exists, "
-        "or set model to a folder saved with save_pretrained (HF_HUB_OFFLINE=1 reads only the cache)."
+        f"and could not be downloaded. Run {fetch} where a network exists, or set model to a folder saved "
+        "with save_pretrained (HF_HUB_OFFLINE=1 reads only the cache)."
     )
 
 

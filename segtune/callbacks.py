@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import PeftModel
 
@@ -53,20 +53,27 @@ class ExportBestAdapter(Callback):
         model = getattr(pl_module, "model", None)
         if not (isinstance(model, PeftModel) and isinstance(ckpt, ModelCheckpoint) and trainer.is_global_zero):
             return
-        if ckpt.best_model_score is None or trainer.log_dir is None:
+        if ckpt.best_model_score is None:
             return
         score = float(ckpt.best_model_score)
         if score == self._exported_score:
             return
-        folder = save_adapter(model, pl_module.preprocessing, Path(trainer.log_dir) / "adapter")
+        folder = save_adapter(model, pl_module.preprocessing, _run_folder(trainer) / "adapter")
         (folder / "best_checkpoint.txt").write_text(f"{ckpt.best_model_path}\n{ckpt.monitor}={score}\n")
         self._exported_score = score
         log.info("adapter of the best checkpoint (%s=%.4f) written to %s", ckpt.monitor, score, folder)
 
 
 def _run_folder(trainer: Trainer) -> Path:
-    """The run's folder (``runs/<name>/version_N``), or the Trainer's root without a logger."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's folder (``runs/<name>/version_N``), or the Trainer's root without a logger.
+
+    ``trainer.log_dir`` is a collective call under DDP (it broadcasts from rank 0), so code that
+    runs on rank 0 only would hang on it; this reads the logger directly, as ``log_dir`` does.
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    return Path(logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir or ".")
 
 
 def _original_image(trainer: Trainer, path: str) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import pickle
 import sys
 import tempfile
 from dataclasses import asdict
@@ -67,6 +68,9 @@ class SegtuneCLI(LightningCLI):
         model = config["model"]["init_args"]["model"]
         if model in _MISSING_MODELS:  # a missing model: one line, before any work
             raise _MISSING_MODELS.pop(model)
+        if config.get("weights_only") is None:
+            # segtune's checkpoints hold only tensors and plain values: never unpickle anything else
+            config["weights_only"] = True
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             self._resume_in_place(config)
 
@@ -102,7 +106,8 @@ class SegtuneCLI(LightningCLI):
                 logger.save()
 
     def _check_run_folder(self) -> None:
-        check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+        loggers = self.trainer.loggers
+        check_writable(Path((loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir))
 
     def before_fit(self) -> None:
         self._check_run_folder()
@@ -168,9 +173,10 @@ def main(args: list[str] | None = None) -> None:
 
 
 # What bad input raises: files and folders (missing, unreadable, unwritable), values (a json, an
-# image, a mask, a config value), a model that cannot be found, a non-finite loss. They reach the
+# image, a mask, a config value), a model that cannot be found, a non-finite loss, a checkpoint
+# holding more than tensors and plain values (refused by weights_only loading). They reach the
 # user as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, FloatingPointError)
+USER_ERRORS = (OSError, ValueError, FloatingPointError, pickle.UnpicklingError)
 
 
 def one_line(error: BaseException) -> str:
@@ -187,9 +193,15 @@ def check_writable(folder: Path) -> None:
     Raises:
         PermissionError: naming the folder.
     """
+    # Probe the nearest existing folder: creating the run folder itself here would take a
+    # version_N before the logger does (and each DDP process would take its own).
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise PermissionError(
@@ -202,7 +214,19 @@ def _show_segtune_logs() -> None:
     # Skips, counts and parameter totals are logged at INFO; Python shows only WARNING by default.
     logger = logging.getLogger("segtune")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be redirected after the handler is made)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass

@@ -61,8 +61,9 @@ class CellStats(Callback):
             "memory_kind": kind,
             "final_train_loss": float(loss) if loss is not None else None,
         }
-        if trainer.is_global_zero and trainer.log_dir:
-            (Path(trainer.log_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        folder = trainer.log_dir  # a collective call under DDP: every process makes it
+        if trainer.is_global_zero and folder:
+            (Path(folder) / STATS_FILE).write_text(json.dumps(stats, indent=2))
 
 
 @dataclass

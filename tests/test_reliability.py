@@ -121,3 +121,19 @@ def test_atomic_checkpoint_keeps_the_old_file_when_saving_fails(tmp_path: Path, 
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_checkpoints_load_weights_only(run_cli, shapes_root: Path, capsys) -> None:
+    import datetime
+
+    cwd = run_cli("fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.max_epochs", "1",
+                  "--trainer.limit_train_batches", "1")  # fmt: skip
+    last = cwd / "runs/quickstart/version_0/checkpoints/last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # what segtune writes loads safely
+    checkpoint["planted"] = datetime.datetime(2026, 1, 1)  # any pickled object beyond tensors and plain values
+    torch.save(checkpoint, cwd / "planted.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("test", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--ckpt_path", "planted.ckpt")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("segtune: error:") and "eights only load failed" in err

@@ -9,7 +9,8 @@ from typing import Literal
 import albumentations as A
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+from torch.utils.data import DataLoader, SequentialSampler
 
 from segtune.data.batch import collate
 from segtune.data.coco import ANNOTATION_FILE, boxes_records, class_names_of, coco_records, load_coco, read_json
@@ -146,6 +147,8 @@ class SegmentationDataModule(LightningDataModule):
             self._coco_ids[c["name"]] = c["id"]
 
     def _find_class_names(self) -> list[str]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: data root folder not found")
         if self.layout == "masks":
             if self.mask_format.kind == "binary":
                 return ["foreground"]
@@ -222,6 +225,8 @@ class SegmentationDataModule(LightningDataModule):
     def _dataset(self, stage: str) -> InstanceDataset:
         if self.preprocessing is None:
             raise ValueError("data.preprocessing is not set: run through `segtune`, which links it from the model")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: data root folder not found")
         if stage == "predict" and self.predict_images is not None:
             records = self._predict_records()
         else:
@@ -245,10 +250,20 @@ class SegmentationDataModule(LightningDataModule):
             self.datasets[needed] = self._dataset(needed)
 
     def _loader(self, stage: str, shuffle: bool = False) -> DataLoader:
+        sampler = None
+        trainer = self.trainer
+        if stage != "fit" and trainer is not None and trainer.world_size > 1:
+            # Lightning's DistributedSampler repeats images to even out the processes, which would
+            # count them twice in the metrics: each image is scored by exactly one process instead.
+            sampler = UnrepeatedDistributedSamplerWrapper(
+                SequentialSampler(self.datasets[stage]), num_replicas=trainer.world_size, rank=trainer.global_rank,
+                shuffle=False,
+            )  # fmt: skip
         return DataLoader(
             self.datasets[stage],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

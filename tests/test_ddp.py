@@ -1,0 +1,51 @@
+"""Two processes (DDP over gloo on CPU) fit and test; test metrics equal a one-process run."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segtune.data.synthetic import write_shapes_coco
+from tests.conftest import CONFIGS
+
+
+def _metrics(run: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with open(run / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            out.update({k: float(v) for k, v in row.items() if v})
+    return out
+
+
+def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
+    segtune = shutil.which("segtune", path=str(Path(sys.executable).parent)) or shutil.which("segtune")
+    assert segtune, "the segtune console script is not installed"
+    # 5 test images: 2 processes cannot split them evenly, so a repeated image would show
+    data = write_shapes_coco(tmp_path / "data", {"train": 4, "valid": 3, "test": 5}, seed=3)
+    common = ["--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.root", str(data),
+              "--data.init_args.batch_size", "2"]  # fmt: skip
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+
+    fit = subprocess.run([segtune, "fit", *common, *ddp, "--trainer.max_epochs", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    best = next((tmp_path / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+
+    two = subprocess.run([segtune, "test", *common, *ddp, "--ckpt_path", str(best)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([segtune, "test", *common, "--trainer.devices", "1", "--ckpt_path", str(best)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    in_two, in_one = _metrics(tmp_path / "runs/quickstart/version_1"), _metrics(tmp_path / "runs/quickstart/version_2")
+    for key in ("test_dice", "test_iou", "test_box_dice", "test_dice/star", "test_dice/cross"):
+        assert in_two[key] == pytest.approx(in_one[key], abs=1e-6), key
+    import json
+
+    report = json.loads((tmp_path / "runs/quickstart/version_1/test_metrics.json").read_text())
+    assert len(report["per_image"]) == 5  # every test image once, from both processes

@@ -134,6 +134,7 @@ def test_skippable_problems_are_logged_and_training_goes_on(
     def break_annotations(data: dict) -> None:
         data["annotations"][0]["segmentation"] = []
         data["annotations"][1]["segmentation"] = [[1, 2, 3, 4]]
+        data["annotations"][2]["segmentation"] = [[900, 900, 950, 900, 950, 950]]  # outside its image
         data["images"][1]["file_name"] = data["images"][1]["file_name"].upper()
 
     _edit_json(root, "train", break_annotations)
@@ -141,3 +142,4 @@ def test_skippable_problems_are_logged_and_training_goes_on(
         run_cli("fit", "--config", QUICKSTART, "--data.init_args.root", root, "--trainer.fast_dev_run", "1")
     assert "empty segmentation" in caplog.text and "no polygon with 3 or more points" in caplog.text
     assert "differ from the files only in case" in caplog.text
+    assert "1 annotations lie outside their image" in caplog.text

@@ -1,3 +1,9 @@
 """segtune: fine-tune Hugging Face Segment-Anything models on medical segmentation data."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft) warns at import, on every command, that it could not fetch an
+# optional CPU kernel from the Hugging Face hub; its own 4-bit CPU path works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

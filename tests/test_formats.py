@@ -352,3 +352,20 @@ def test_jpeg_decodes_exactly_as_pillow_does(tmp_path: Path) -> None:
     smooth = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (120, 170, 3), dtype=np.uint8), (9, 9), 3)
     Image.fromarray(smooth).save(tmp_path / "x.jpg", quality=80)
     np.testing.assert_array_equal(read_image(tmp_path / "x.jpg"), np.asarray(Image.open(tmp_path / "x.jpg")))
+
+
+def test_predict_folder_with_coco_prompts_keeps_images_without_annotations(tmp_path: Path) -> None:
+    _write_plain_coco(tmp_path, ["a.png", "b.png"])
+    data = json.loads((tmp_path / "annotations.json").read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 0]  # b.png: no prompt
+    (tmp_path / "prompts.json").write_text(json.dumps(data))
+    dm = SegmentationDataModule(
+        tmp_path, layout="coco", predict_images=tmp_path / "images", predict_prompts=tmp_path / "prompts.json",
+        batch_size=2, preprocessing=PRE,
+    )  # fmt: skip
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["file_names"] == ["a.png", "b.png"]
+    assert batch["prompt_valid"].tolist() == [[True], [False]]
+    assert batch["boxes"][0, 0].tolist() == [10.0, 10.0, 30.0, 30.0]
+    assert dm.category_id(0) == 1

@@ -37,13 +37,14 @@ def read_json(json_path: Path) -> dict:
     return data
 
 
-def load_coco(json_path: Path) -> COCO:
-    """Parse a COCO json; annotations that cannot give a mask are logged and skipped.
+def load_coco(json_path: Path, dataset: dict | None = None) -> COCO:
+    """Parse a COCO json (or take its already parsed ``dataset``); annotations that cannot give a
+    mask are logged and skipped.
 
     Raises:
         FileNotFoundError, ValueError: with a one-line message naming the file.
     """
-    dataset = read_json(json_path)
+    dataset = read_json(json_path) if dataset is None else dataset
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise ValueError(f"{json_path}: not a COCO instances file (missing {', '.join(missing)})")
@@ -118,18 +119,20 @@ def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list
     return records, dropped
 
 
-def boxes_records(json_path: Path, image_dir: Path, class_names: list[str]) -> list[ImageRecord]:
+def boxes_records(
+    json_path: Path, image_dir: Path, class_names: list[str], data: dict | None = None
+) -> list[ImageRecord]:
     """Predict records for every image in ``image_dir``, with prompt boxes from a boxes json.
 
     The json maps a file name or stem to ``[[x0, y0, x1, y1], ...]`` or to Kvasir's
     ``{"bbox": [{"xmin": .., "ymin": .., "xmax": .., "ymax": .., "label": ..}, ...]}``. A label
     that names a class gives that class; otherwise class 0. Images the json does not name get no
-    prompt (logged).
+    prompt (logged). ``data`` is the parsed json when the caller has already read it.
 
     Raises:
         ValueError: naming the file and the entry when a box is malformed.
     """
-    data = read_json(json_path)
+    data = read_json(json_path) if data is None else data
     by_key = {k.lower(): v for k, v in data.items()}
     records, unprompted = [], 0
     for i, path in enumerate(image_files(image_dir)):

@@ -215,11 +215,12 @@ class SegmentationDataModule(LightningDataModule):
             raise ValueError(
                 f"{self.predict_images}: data.predict_images needs data.predict_prompts (a COCO or boxes json)"
             )
-        if _is_coco(self.predict_prompts):
-            coco = load_coco(self.predict_prompts)
+        data = read_json(self.predict_prompts)  # parsed once, whichever of the two formats it is
+        if "annotations" in data:
+            coco = load_coco(self.predict_prompts, data)
             self._remember_ids(coco)
             return coco_records(coco, self.predict_prompts, self.predict_images, self.class_names)[0]
-        return boxes_records(self.predict_prompts, self.predict_images, self.class_names)
+        return boxes_records(self.predict_prompts, self.predict_images, self.class_names, data)
 
     # --- Lightning hooks -------------------------------------------------------------------------------
     def _dataset(self, stage: str) -> InstanceDataset:
@@ -281,10 +282,6 @@ class SegmentationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
-
-
-def _is_coco(json_path: Path) -> bool:
-    return "annotations" in read_json(json_path)
 
 
 class SyntheticShapesDataModule(SegmentationDataModule):

@@ -98,23 +98,6 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` from the file header, without decoding the pixels.
-
-    Raises:
-        FileNotFoundError, ValueError: one line naming the file.
-    """
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        pass
-    # Pillow cannot parse some TIFFs (float RGB, unusual compression) that OpenCV reads.
-    return read_image(path).shape[:2]
-
-
 def _cv2_read(path: Path) -> np.ndarray | None:
     data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode also handles non-ASCII paths
     if data.size == 0:
@@ -131,12 +114,10 @@ def _cv2_read(path: Path) -> np.ndarray | None:
     return image
 
 
-def _pil_read(path: Path, keep_palette: bool = False) -> np.ndarray:
+def _pil_read(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         im.seek(0)  # first frame of a GIF or multi-page TIFF
         mode = im.mode
-        if mode == "P" and keep_palette:
-            return np.asarray(im)
         if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
             return np.asarray(im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB"))
         if mode == "1":

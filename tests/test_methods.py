@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from segtune.data.preprocessing import Preprocessing
+from segtune.preprocessing import Preprocessing
 from segtune.methods import FullFinetune, LoRA, QLoRA
 from segtune.models.adapters import load_adapter, save_adapter
 from segtune.models.loading import ModelNotFoundError, build_tiny, load_model

@@ -17,7 +17,7 @@ from segtune.data.coco import ANNOTATION_FILE, boxes_records, class_names_of, co
 from segtune.data.dataset import InstanceDataset
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.masks import MaskFormat, index_values, pair_images_and_masks
-from segtune.data.preprocessing import Preprocessing
+from segtune.preprocessing import Preprocessing
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord
 from segtune.data.synthetic import write_shapes_coco

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from segtune.data.batch import Batch
-from segtune.data.preprocessing import Preprocessing, logits_to_original
+from segtune.preprocessing import Preprocessing, logits_to_original
 from segtune.loss import SamLoss
 from segtune.metrics import filled_boxes, segmentation_metrics
 from segtune.models.loading import enable_checkpointing, load_model

@@ -9,7 +9,7 @@ from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from segtune.data.preprocessing import Preprocessing
+from segtune.preprocessing import Preprocessing
 from segtune.methods.base import SegmentationModule
 from segtune.models.adapters import add_lora
 from segtune.models.loading import load_model

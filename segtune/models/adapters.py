@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from segtune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from segtune.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 PREPROCESSING_FILE = "segtune_preprocessing.json"
 

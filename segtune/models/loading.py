@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForMaskGeneration, PretrainedConfig, PreTrainedModel
 
-from segtune.data.preprocessing import Preprocessing
+from segtune.preprocessing import Preprocessing
 from segtune.models.presets import PRESETS, SAM3_ENCODER_TARGETS, SAM_ENCODER_TARGETS, ModelPreset
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig, Sam2Config, Sam3TrackerConfig, SamConfig, SamHQConfig
 
-from segtune.data.preprocessing import Preprocessing
+from segtune.preprocessing import Preprocessing
 
 # Image-encoder attention (Sam, SamHQ, Sam2 fuse q/k/v in `qkv`; Sam3Tracker has separate projections)
 # and the two-way transformer of the mask decoder (`out_proj` in Sam/SamHQ, `o_proj` in Sam2/Sam3).

@@ -1,14 +1,17 @@
-"""Callbacks every segtune run gets."""
+"""The callbacks of a segtune run: best checkpoint, adapter export, test report, predictions, pictures.
+
+Every default instance is listed in ``segtune fit --print_config`` (``trainer.callbacks``) and can
+be changed or removed there; :mod:`segtune.resume` holds the callbacks that make a resume exact.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -21,11 +24,54 @@ from peft import PeftModel
 
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
-from segtune.models.adapters import save_adapter
+from segtune.models.adapters import save_pretrained
 from segtune.reports import coco_results, instance_rows, summarise, summary_table, write_test_report
 from segtune.visualise import grid, instance_index_mask, overlay, to_uint8_rgb
 
 log = logging.getLogger(__name__)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps the best checkpoint by the method's own metric.
+
+    With ``monitor`` left ``None`` it follows the LightningModule's ``monitor`` and ``mode``
+    attributes (``val_dice``, ``max`` for every segtune method), so the metric is named in one
+    place. All other arguments are ``ModelCheckpoint``'s.
+
+    Args:
+        monitor: the metric to follow; ``None`` takes the module's ``monitor``.
+        mode: ``"min"`` or ``"max"``; ``None`` takes the module's ``mode``.
+        filename: checkpoint file name; ``None`` names it ``best-epochEE-<metric><value>``, e.g.
+            ``best-epoch15-val_dice0.8243.ckpt``.
+        **kwargs: see ``lightning.pytorch.callbacks.ModelCheckpoint``.
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        filename: str | None = None,
+        auto_insert_metric_name: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            monitor=monitor, mode=mode or "max", filename=filename, auto_insert_metric_name=auto_insert_metric_name,
+            **kwargs,
+        )  # fmt: skip
+        self._follow_module = (monitor is None, mode is None)
+        self._default_filename = filename is None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        follow_monitor, follow_mode = self._follow_module
+        if follow_monitor:
+            self.monitor = getattr(pl_module, "monitor", None)
+        if follow_mode:
+            self.mode = getattr(pl_module, "mode", "max")
+            # the worst possible score, as ModelCheckpoint sets it for its mode
+            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+        if self.monitor and self._default_filename:
+            self.filename = f"best-epoch{{epoch:02d}}-{self.monitor}{{{self.monitor}:.4f}}"
+        super().setup(trainer, pl_module, stage)
 
 
 class ReportBestCheckpoint(Callback):
@@ -42,11 +88,19 @@ class ExportBestAdapter(Callback):
     """Write the PEFT adapter of the best checkpoint to ``<run>/adapter/`` (LoRA and QLoRA).
 
     ModelCheckpoint updates its best score before it saves the new best file, so when a save
-    happens with a new best score, the weights in memory are the best ones.
+    happens with a new best score, the weights in memory are the best ones. The exported score is
+    part of this callback's checkpoint state: after a resume, the adapter is rewritten only when
+    a new best appears, never with the current weights of a worse epoch.
     """
 
     def __init__(self) -> None:
         self._exported_score: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"exported_score": self._exported_score}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._exported_score = state_dict.get("exported_score")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         ckpt = trainer.checkpoint_callback
@@ -58,9 +112,11 @@ class ExportBestAdapter(Callback):
         score = float(ckpt.best_model_score)
         if score == self._exported_score:
             return
-        folder = save_adapter(model, pl_module.preprocessing, _run_folder(trainer) / "adapter")
+        folder = save_pretrained(model, pl_module.preprocessing, _run_folder(trainer) / "adapter")
         (folder / "best_checkpoint.txt").write_text(f"{ckpt.best_model_path}\n{ckpt.monitor}={score}\n")
         self._exported_score = score
+        # The callbacks' states were collected before this hook: record the export in this file too.
+        checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
         log.info("adapter of the best checkpoint (%s=%.4f) written to %s", ckpt.monitor, score, folder)
 
 
@@ -82,6 +138,12 @@ def _original_image(trainer: Trainer, path: str) -> np.ndarray:
     return to_uint8_rgb(to_model_range(read_image(Path(path)), policy, path))
 
 
+def _dataset_of(loaders: Any, index: int) -> Any:
+    """The dataset behind the ``index``-th of the Trainer's dataloaders (one or a list)."""
+    loader = loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+    return getattr(loader, "dataset", None)
+
+
 def _gather(trainer: Trainer, items: list) -> list:
     """Every process's ``items`` on every process (a no-op in one process)."""
     if trainer.world_size == 1 or not torch.distributed.is_initialized():
@@ -93,7 +155,8 @@ def _gather(trainer: Trainer, items: list) -> list:
 
 class TestReport(Callback):
     """``segtune test``: write ``test_metrics.json`` and ``test_per_image.csv`` into the run folder
-    and print a short table (overall, per class, worst images)."""
+    and print a short table (overall, per class, worst images). The rows are the per-instance
+    scores the test metrics were computed from."""
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows: list[dict] = []
@@ -107,14 +170,13 @@ class TestReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not isinstance(outputs, dict) or "masks" not in outputs:
+        if not isinstance(outputs, dict) or "scores" not in outputs:
             return
-        for i, preds in enumerate(outputs["masks"]):
-            target = batch["masks"][i]
+        for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
+            classes = batch["category_ids"][i, : len(scores.dice)]
             self.rows += instance_rows(
-                batch["image_ids"][i], batch["file_names"][i], preds, target, pl_module.box_floor(batch, i),
-                batch["category_ids"][i, : len(target)], outputs["scores"][i], pl_module.class_names,
-            )  # fmt: skip
+                batch["image_ids"][i], batch["file_names"][i], scores, classes, predicted.scores, pl_module.class_names
+            )
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = _gather(trainer, self.rows)
@@ -143,6 +205,12 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.overlays = overlays
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            # Everything is written here, batch by batch: the Trainer need not keep every image's
+            # full-resolution masks in memory until predict ends (it would, by default).
+            trainer.predict_loop.return_predictions = False
+
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = _run_folder(trainer) / self.output_dir
         (self.folder / "masks").mkdir(parents=True, exist_ok=True)
@@ -154,22 +222,22 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        datamodule = getattr(trainer, "datamodule", None)
+        dataset = _dataset_of(trainer.predict_dataloaders, dataloader_idx)
         names = pl_module.class_names
-        for item in prediction:
-            masks, scores = item["masks"].numpy(), item["scores"].numpy()
-            classes = [int(c) for c in item["category_ids"]]
-            stem = Path(item["file_name"]).stem
+        for i, predicted in enumerate(prediction):
+            masks, scores = predicted.masks.numpy(), predicted.scores.numpy()
+            classes = batch["category_ids"][i, : len(masks)].tolist()
+            stem = Path(batch["file_names"][i]).stem
             cv2.imwrite(str(self.folder / "masks" / f"{stem}.png"), instance_index_mask(masks, scores))
             if self.overlays:
-                image = _original_image(trainer, item["image_path"])
+                image = _original_image(trainer, batch["image_paths"][i])
                 labels = [
                     f"{names[c] if 0 <= c < len(names) else c} {s:.2f}" for c, s in zip(classes, scores, strict=True)
                 ]
                 drawn = overlay(image, masks, labels, colours=classes)
                 cv2.imwrite(str(self.folder / "overlays" / f"{stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-            ids = [datamodule.category_id(c) if hasattr(datamodule, "category_id") else c + 1 for c in classes]
-            self.results += coco_results(item["image_id"], masks, scores, ids)
+            ids = [dataset.category_id(c) if hasattr(dataset, "category_id") else c + 1 for c in classes]
+            self.results += coco_results(batch["image_ids"][i], masks, scores, ids)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = _gather(trainer, self.results)
@@ -214,15 +282,14 @@ class ValidationImages(Callback):
     ) -> None:
         if not self._due(trainer) or not trainer.is_global_zero or len(self.rows) >= self.max_images:
             return
-        if not isinstance(outputs, dict) or "masks" not in outputs:
+        if not isinstance(outputs, dict) or "predictions" not in outputs:
             return
-        for i, preds in enumerate(outputs["masks"][: self.max_images - len(self.rows)]):
+        for i, predicted in enumerate(outputs["predictions"][: self.max_images - len(self.rows)]):
             image = _original_image(trainer, batch["image_paths"][i])
             target = batch["masks"][i].cpu().numpy()
             classes = batch["category_ids"][i, : len(target)].tolist()
-            self.rows.append(
-                [image, overlay(image, target, colours=classes), overlay(image, preds.cpu().numpy(), colours=classes)]
-            )
+            masks = predicted.masks.cpu().numpy()
+            self.rows.append([image, overlay(image, target, colours=classes), overlay(image, masks, colours=classes)])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.rows or not trainer.is_global_zero:
@@ -236,31 +303,6 @@ class ValidationImages(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val_images", picture, trainer.global_step, dataformats="HWC")
         self.rows = []
-
-
-class RestoreRNG(Callback):
-    """Keep the random number generators' states in checkpoints, so a resumed fit draws the same
-    shuffles, prompt jitters and augmentations as an uninterrupted one (bit-identical on CPU)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        numpy_state = np.random.get_state()
-        version, internal, gauss = random.getstate()
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # plain lists and tensors: the checkpoint stays loadable with weights_only=True
-            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-            "python": [version, list(internal), gauss],
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        if state_dict["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
-        name, keys, *rest = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -286,12 +328,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-class FlushLogsEachEpoch(Callback):
-    """Write the loggers' buffered rows at every epoch end (CSVLogger keeps 100 steps in memory),
-    so a killed run keeps the metrics of every finished epoch and a resume appends to them."""
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for logger in trainer.loggers:
-            logger.save()

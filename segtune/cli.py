@@ -1,12 +1,15 @@
-"""``segtune``: one LightningCLI with fit / validate / test / predict.
+"""``segtune``: one LightningCLI with fit / validate / test / predict, plus the ``models``,
+``export`` and ``compare`` commands.
 
-The config picks the method (``model.class_path``) and the data (``data.class_path``); the only
-addition to plain LightningCLI is the link that gives the data the model's preprocessing.
+The config picks the method (``model.class_path``) and the data (``data.class_path``). What this
+module adds to plain LightningCLI: the base config :file:`segtune/defaults.yaml` (callbacks,
+checkpoint policy, logger, plugins; all shown by ``--print_config``), the argument link that gives
+the data the model's preprocessing, ``--ckpt_path last`` (resolved by :mod:`segtune.resume`) and
+one-line errors for bad input.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import pickle
@@ -15,136 +18,61 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
-from segtune.callbacks import (
-    AtomicCheckpointIO,
-    ExportBestAdapter,
-    FlushLogsEachEpoch,
-    PredictionWriter,
-    ReportBestCheckpoint,
-    RestoreRNG,
-    TestReport,
-    ValidationImages,
-)
-from segtune.commands import export_command, models_command
 from segtune.compare import compare_command
 from segtune.data.datamodule import SegmentationDataModule
+from segtune.export import export_command
 from segtune.methods.base import SegmentationModule
+from segtune.models.command import models_command
 from segtune.models.loading import ModelNotFoundError, preprocessing_for
-
-log = logging.getLogger(__name__)
+from segtune.resume import resume_in_place
 
 DESCRIPTION = (
     "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME), "
     "`segtune export --ckpt_path CKPT --output DIR [--merge]` and `segtune compare --config C [--dry-run]`."
 )
+#: The base config every Trainer subcommand starts from.
+DEFAULTS = Path(__file__).with_name("defaults.yaml")
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-
-def _preprocessing_dict(model: str) -> dict | None:
-    # A dict, not the dataclass: jsonargparse validates it into ``Preprocessing`` and can serialise it.
-    try:
-        return asdict(preprocessing_for(model))
-    except ModelNotFoundError as e:
-        _MISSING_MODELS[model] = e  # reported in one line by before_instantiate_classes, not as a parser error
-        return None
-
-
-# Models the argument link could not resolve, so the hub is not asked twice (it retries for ~30 s offline).
-_MISSING_MODELS: dict[str, ModelNotFoundError] = {}
+# What bad input raises: files and folders (missing, unreadable, unwritable), values (a json, an
+# image, a mask, a config value), a model that cannot be found, a non-finite loss, a checkpoint
+# holding more than tensors and plain values (refused by weights_only loading). They reach the
+# user as one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, FloatingPointError, pickle.UnpicklingError)
 
 
 class SegtuneCLI(LightningCLI):
-    """LightningCLI with the model -> data preprocessing link."""
+    """LightningCLI with the model -> data preprocessing link and ``--ckpt_path last``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.init_args.model", "data.init_args.preprocessing", compute_fn=_preprocessing_dict)
+        # A model that cannot be resolved is remembered here and reported in one line before any
+        # work, instead of as a parser error; the hub is not asked twice (it retries ~30 s offline).
+        self._missing_models: dict[str, ModelNotFoundError] = getattr(self, "_missing_models", {})
+        parser.link_arguments("model.init_args.model", "data.init_args.preprocessing", compute_fn=self._preprocessing)
+
+    def _preprocessing(self, model: str) -> dict | None:
+        # A dict, not the dataclass: jsonargparse validates it into ``Preprocessing`` and can serialise it.
+        try:
+            return asdict(preprocessing_for(model))
+        except ModelNotFoundError as e:
+            self._missing_models[model] = e
+            return None
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         model = config["model"]["init_args"]["model"]
-        if model in _MISSING_MODELS:  # a missing model: one line, before any work
-            raise _MISSING_MODELS.pop(model)
-        if config.get("weights_only") is None:
-            # segtune's checkpoints hold only tensors and plain values: never unpickle anything else
-            config["weights_only"] = True
+        if model in self._missing_models:
+            raise self._missing_models[model]
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            self._resume_in_place(config)
-
-    def _resume_in_place(self, config) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of this config's runs, continued in its own folder.
-
-        Lightning alone would look in a new ``version_N`` folder and start from scratch.
-        """
-        logger = config["trainer"]["logger"]
-        init = logger.get("init_args", {}) if hasattr(logger, "get") else {}
-        root = Path(init.get("save_dir") or "runs") / (init.get("name") or "")
-        candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise FileNotFoundError(f"{root}: no version_*/checkpoints/last.ckpt to resume from (--ckpt_path last)")
-        config["ckpt_path"] = str(candidates[-1])
-        logger["init_args"]["version"] = candidates[-1].parents[1].name
-        log.info("resuming %s in %s", candidates[-1], candidates[-1].parents[1])
-        # CSVLogger deletes metrics.csv when it reopens a folder: keep the finished epochs' rows
-        metrics = candidates[-1].parents[1] / "metrics.csv"
-        if metrics.is_file():
-            epoch = torch.load(candidates[-1], map_location="cpu", weights_only=True, mmap=True)["epoch"]
-            with open(metrics) as f:
-                self._rows_before_resume = [r for r in csv.DictReader(f) if int(r.get("epoch") or 0) <= epoch]
-
-    def _restore_rows(self) -> None:
-        rows, self._rows_before_resume = getattr(self, "_rows_before_resume", []), []
-        for logger in self.trainer.loggers if rows else []:
-            if isinstance(logger, CSVLogger):
-                for row in rows:
-                    values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
-                    values["epoch"] = int(values.get("epoch", 0))
-                    logger.experiment.log_metrics(values, int(row["step"]))
-                logger.save()
+            resume_in_place(config)
 
     def _check_run_folder(self) -> None:
         loggers = self.trainer.loggers
         check_writable(Path((loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir))
 
-    def before_fit(self) -> None:
-        self._check_run_folder()
-        self._restore_rows()
-
-    before_validate = before_test = before_predict = _check_run_folder
-
-
-def trainer_defaults() -> dict:
-    """Runs land in ``runs/<name>/version_N/``: best (highest ``val_dice``) and last checkpoints, the
-    LoRA adapter, validation pictures, test reports and predictions."""
-    return {
-        "default_root_dir": "runs",
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": "runs", "name": "segtune"},
-        },
-        "callbacks": [
-            ModelCheckpoint(
-                monitor="val_dice",
-                mode="max",
-                auto_insert_metric_name=False,
-                filename="best-epoch{epoch:02d}-val_dice{val_dice:.4f}",
-            ),  # fmt: skip
-            # last.ckpt after every epoch: ModelCheckpoint(save_last=True) only refreshes it when a new
-            # best is saved, which would make a resume repeat every epoch since the best one.
-            ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
-            ReportBestCheckpoint(),
-            ExportBestAdapter(),
-            TestReport(),
-            PredictionWriter(),
-            ValidationImages(),
-            RestoreRNG(),
-            FlushLogsEachEpoch(),
-        ],
-        "plugins": [AtomicCheckpointIO()],
-    }
+    before_fit = before_validate = before_test = before_predict = _check_run_folder
 
 
 def main(args: list[str] | None = None) -> None:
@@ -160,23 +88,21 @@ def main(args: list[str] | None = None) -> None:
             SegmentationDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            trainer_defaults=trainer_defaults(),
+            # segtune's methods configure their own optimiser and schedule (warm-up, cosine, only
+            # trainable parameters): LightningCLI's --optimizer/--lr_scheduler would silently replace them.
+            auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             args=args,
-            parser_kwargs={"description": DESCRIPTION},
+            parser_kwargs={
+                "description": DESCRIPTION,
+                **{sub: {"default_config_files": [str(DEFAULTS)]} for sub in TRAINER_SUBCOMMANDS},
+            },
         )
     except USER_ERRORS as e:
         if os.environ.get("SEGTUNE_DEBUG"):
             raise
         print(f"segtune: error: {one_line(e)} (SEGTUNE_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-# What bad input raises: files and folders (missing, unreadable, unwritable), values (a json, an
-# image, a mask, a config value), a model that cannot be found, a non-finite loss, a checkpoint
-# holding more than tensors and plain values (refused by weights_only loading). They reach the
-# user as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, FloatingPointError, pickle.UnpicklingError)
 
 
 def one_line(error: BaseException) -> str:

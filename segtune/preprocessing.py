@@ -1,4 +1,4 @@
-"""Image, box and mask geometry shared by the data pipeline and the evaluation.
+"""The model's input: how a model family wants its image, and the geometry into its frame.
 
 SAM and SAM-HQ resize the longest side to the model's input size and pad bottom-right; SAM2 and
 Sam3Tracker resize to the square input size. The low-resolution masks that every SAM-family model
@@ -15,7 +15,6 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,19 +118,3 @@ def masks_to_low_res(masks: torch.Tensor, pre: Preprocessing, resized: tuple[int
         small = cv2.resize(mask.astype(np.float32), (low_w, low_h), interpolation=area)
         out[i, :low_h, :low_w] = torch.from_numpy(small > 0.5)
     return out
-
-
-def logits_to_original(
-    logits: torch.Tensor, pre: Preprocessing, resized: tuple[int, int], original: tuple[int, int]
-) -> torch.Tensor:
-    """Low-resolution logits ``[N, s, s]`` -> logits ``[N, H, W]`` at the image's original resolution.
-
-    Upsample to the model input, crop the padding away, then resize to the original image, as
-    transformers' ``post_process_masks`` does.
-    """
-    x = F.interpolate(
-        logits[:, None].float(), size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False
-    )
-    x = x[..., : resized[0], : resized[1]]
-    x = F.interpolate(x, size=tuple(original), mode="bilinear", align_corners=False)
-    return x[:, 0]

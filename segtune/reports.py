@@ -13,23 +13,22 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from segtune.metrics import instance_scores
+from segtune.postprocess import InstanceScores
 
 
 def instance_rows(
     image_id: int,
     file_name: str,
-    preds: torch.Tensor,
-    target: torch.Tensor,
-    box_floor: torch.Tensor,
+    scores: InstanceScores,
     classes: torch.Tensor,
     predicted_iou: torch.Tensor,
     class_names: list[str],
 ) -> list[dict[str, Any]]:
-    """One row per instance of one image: its class, Dice, IoU, box-floor Dice and predicted IoU."""
-    dice = instance_scores(preds, target, "dice").tolist()
-    iou = instance_scores(preds, target, "iou").tolist()
-    box = instance_scores(box_floor, target, "dice").tolist()
+    """One row per instance of one image: its class, Dice, IoU, box-floor Dice and predicted IoU.
+
+    The scores are the ones the test metrics accumulated (:func:`segtune.postprocess.score_instances`).
+    """
+    dice, iou, box = scores.dice.tolist(), scores.iou.tolist(), scores.box_dice.tolist()
     return [
         {
             "image_id": image_id,

@@ -368,4 +368,4 @@ def test_predict_folder_with_coco_prompts_keeps_images_without_annotations(tmp_p
     assert batch["file_names"] == ["a.png", "b.png"]
     assert batch["prompt_valid"].tolist() == [[True], [False]]
     assert batch["boxes"][0, 0].tolist() == [10.0, 10.0, 30.0, 30.0]
-    assert dm.category_id(0) == 1
+    assert dm.datasets["predict"].category_id(0) == 1  # the json's category id, for predictions.json

@@ -12,8 +12,8 @@ from torch import nn
 
 from segtune.preprocessing import Preprocessing
 from segtune.methods import FullFinetune, LoRA, QLoRA
-from segtune.models.adapters import load_adapter, save_adapter
-from segtune.models.loading import ModelNotFoundError, build_tiny, load_model
+from segtune.models.adapters import load_adapter, save_pretrained
+from segtune.models.loading import ModelNotFoundError, build_random, load_model
 from segtune.models.presets import PRESETS
 from tests.conftest import CONFIGS
 from tests.junk_data import collate_with_junk
@@ -108,15 +108,15 @@ def test_adapter_round_trip_and_merge(tmp_path: Path) -> None:
     inputs = _inputs(pre)
     with torch.no_grad():
         expected = module.model(**inputs, multimask_output=False).pred_masks
-        plain = build_tiny(PRESETS["sam-tiny"])(**inputs, multimask_output=False).pred_masks
+        plain = build_random(PRESETS["sam-tiny"])(**inputs, multimask_output=False).pred_masks
     assert not _close(plain, expected, 0.05)  # the adapter changes the output
 
-    save_adapter(module.model, pre, tmp_path / "adapter")
+    save_pretrained(module.model, pre, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "segtune_preprocessing.json"} <= {
         p.name for p in (tmp_path / "adapter").iterdir()
     }
-    reloaded = load_adapter(build_tiny(PRESETS["sam-tiny"]), tmp_path / "adapter").eval()
-    merged = load_adapter(build_tiny(PRESETS["sam-tiny"]), tmp_path / "adapter").merge_and_unload().eval()
+    reloaded = load_adapter(build_random(PRESETS["sam-tiny"]), tmp_path / "adapter").eval()
+    merged = load_adapter(build_random(PRESETS["sam-tiny"]), tmp_path / "adapter").merge_and_unload().eval()
     assert type(merged).__name__ == "SamModel"
     with torch.no_grad():
         assert _close(reloaded(**inputs, multimask_output=False).pred_masks, expected, 1e-6)
@@ -155,11 +155,9 @@ def test_missing_model_is_one_line_that_says_how_to_get_it(tmp_path: Path, monke
 
 
 def test_local_folder_loads_with_preprocessing_from_its_files(tmp_path: Path) -> None:
-    model = build_tiny(PRESETS["sam-tiny"])
+    model = build_random(PRESETS["sam-tiny"])
     pre = Preprocessing(256, "longest", "unit", 64)  # MedSAM-style [0, 1] scaling
-    from segtune.models.adapters import save_merged
-
-    save_merged(model, pre, tmp_path / "medsam-like")
+    save_pretrained(model, pre, tmp_path / "medsam-like")
     loaded, loaded_pre, targets = load_model(str(tmp_path / "medsam-like"))
     assert loaded_pre == pre
     assert "qkv" in targets
@@ -190,7 +188,7 @@ def test_export_command(method: str, run_cli, shapes_root: Path, tmp_path: Path,
     with torch.no_grad():
         expected = module.model(**inputs, multimask_output=False).pred_masks
     if method == "LoRA":  # fit wrote the best checkpoint's adapter
-        adapter = load_adapter(build_tiny(PRESETS["sam-tiny"]), run / "adapter").eval()
+        adapter = load_adapter(build_random(PRESETS["sam-tiny"]), run / "adapter").eval()
         with torch.no_grad():
             assert _close(adapter(**inputs, multimask_output=False).pred_masks, expected, 1e-6)
     with pytest.raises(SystemExit) as exit_info:

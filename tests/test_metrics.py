@@ -1,4 +1,4 @@
-"""Instance Dice/IoU on hand-made cases."""
+"""Instance Dice/IoU on hand-made cases: scored once per instance, averaged by the metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from segtune.metrics import InstanceOverlap, filled_boxes, segmentation_metrics
+from segtune.metrics import InstanceMean, segmentation_metrics
+from segtune.postprocess import filled_boxes, overlap, score_instances
 
 
 def _masks(*pairs: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,39 +35,43 @@ def _masks(*pairs: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> tuple
     ids=["perfect", "disjoint", "both-empty", "false-positive", "partial"],
 )
 def test_single_instance_cases(pred, target, dice: float, iou: float) -> None:
-    metrics = segmentation_metrics(["a"])
     p, t = _masks((pred, target))
-    metrics.update(p, t, torch.tensor([0]))
-    out = metrics.compute()
-    assert out["dice"].item() == pytest.approx(dice)
-    assert out["iou"].item() == pytest.approx(iou)
+    assert overlap(p, t, "dice").item() == pytest.approx(dice)
+    assert overlap(p, t, "iou").item() == pytest.approx(iou)
+
+
+def _scores(preds: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    # boxes covering the whole 4x4 image: the box floor is the Dice of a full mask
+    return score_instances(preds, target, torch.tensor([[0.0, 0.0, 4.0, 4.0]] * len(preds))).as_dict()
 
 
 def test_mean_over_instances_and_per_class_names() -> None:
-    metrics = segmentation_metrics(["star", "cross"]).clone(prefix="val_")
+    metrics = segmentation_metrics(["star", "cross"], "val_")
     p, t = _masks(([(0, 0)], [(0, 0)]), ([(0, 0)], [(3, 3)]), ([], []))
-    metrics.update(p, t, torch.tensor([0, 1, 1]))
+    metrics.update(_scores(p, t), torch.tensor([0, 1, 1]))
     out = metrics.compute()
     assert out["val_dice"].item() == pytest.approx(2 / 3)  # per-instance mean, not pooled pixels
     assert out["val_dice/star"].item() == pytest.approx(1.0)
     assert out["val_dice/cross"].item() == pytest.approx(0.5)
-    assert set(out) == {"val_dice", "val_dice/star", "val_dice/cross", "val_iou", "val_iou/star", "val_iou/cross"}
+    # box floor: a full 4x4 box against one pixel is 2/17; against an empty target 0
+    assert out["val_box_dice"].item() == pytest.approx((2 / 17 + 2 / 17 + 0) / 3)
+    names = {"dice", "iou", "box_dice", "box_iou"}
+    assert set(out) == {f"val_{n}{c}" for n in names for c in ("", "/star", "/cross")}
 
 
 def test_no_nan_and_absent_classes_not_reported() -> None:
-    metric = InstanceOverlap("dice", ["a", "b"])
+    metric = InstanceMean("dice", ["a", "b"])
     out = metric.compute()  # nothing seen
     assert not any(math.isnan(v.item()) for v in out.values())
     p, t = _masks(([], []))
-    metric.update(p, t, torch.tensor([0]))
+    metric.update(_scores(p, t), torch.tensor([0]))
     out = metric.compute()
     assert "dice/b" not in out and out["dice"].item() == 1.0
 
 
 def test_float_masks_are_refused() -> None:
-    metric = InstanceOverlap("iou", ["a"])
     with pytest.raises(TypeError, match="threshold"):
-        metric.update(torch.rand(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool), torch.tensor([0]))
+        overlap(torch.rand(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool), "iou")
 
 
 def test_filled_boxes_cover_exclusive_far_edges() -> None:

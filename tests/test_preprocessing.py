@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from segtune.preprocessing import Preprocessing, logits_to_original, preprocess_image, scale_coords
+from segtune.postprocess import logits_to_original
+from segtune.preprocessing import Preprocessing, preprocess_image, scale_coords
 
 
 def test_matches_sam_image_processor_on_non_square_image() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from segtune.data.images import FolderIndex, image_files
-from segtune.data.records import ImageRecord
+from segtune.data.images import FolderIndex
+from segtune.data.records import ImageRecord, RecordSet
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def class_names_of(coco: COCO) -> list[str]:
     return names
 
 
-def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list[str]) -> tuple[list[ImageRecord], int]:
+def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list[str]) -> RecordSet:
     """Records for every image of ``coco``, with the annotations whose category is in ``class_names``.
 
     Image file names resolve inside ``image_dir``, case-insensitively with a warning when they
@@ -89,8 +89,10 @@ def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list
     is logged and skipped; one partly outside is clipped to the image by the rasterisation.
 
     Returns:
-        The records (images with no annotation included, with an empty list) and the number of
-        annotations dropped because their category is not selected.
+        The records (images with no annotation included, with an empty list), the json's category id
+        of each class (the lowest id of that name, so prediction files line up with the ground
+        truth in COCO tools) and the number of annotations dropped because their category is not
+        selected.
 
     Raises:
         FileNotFoundError: naming the image a json entry points at when it is not there.
@@ -116,45 +118,11 @@ def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list
             "%s: %d annotations lie outside their image (or their RLE has another size) and are skipped: ids %s",
             json_path, len(outside), outside[:10],
         )  # fmt: skip
-    return records, dropped
-
-
-def boxes_records(
-    json_path: Path, image_dir: Path, class_names: list[str], data: dict | None = None
-) -> list[ImageRecord]:
-    """Predict records for every image in ``image_dir``, with prompt boxes from a boxes json.
-
-    The json maps a file name or stem to ``[[x0, y0, x1, y1], ...]`` or to Kvasir's
-    ``{"bbox": [{"xmin": .., "ymin": .., "xmax": .., "ymax": .., "label": ..}, ...]}``. A label
-    that names a class gives that class; otherwise class 0. Images the json does not name get no
-    prompt (logged). ``data`` is the parsed json when the caller has already read it.
-
-    Raises:
-        ValueError: naming the file and the entry when a box is malformed.
-    """
-    data = read_json(json_path) if data is None else data
-    by_key = {k.lower(): v for k, v in data.items()}
-    records, unprompted = [], 0
-    for i, path in enumerate(image_files(image_dir)):
-        entry = by_key.get(path.name.lower(), by_key.get(path.stem.lower()))
-        boxes, classes = [], []
-        items = entry.get("bbox", []) if isinstance(entry, dict) else entry or []
-        for item in items:
-            try:
-                box = [item[k] for k in ("xmin", "ymin", "xmax", "ymax")] if isinstance(item, dict) else item
-                box = [float(v) for v in box]
-            except (KeyError, TypeError, ValueError):
-                box = []
-            if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-                raise ValueError(f"{json_path}: entry {path.stem!r}: {item!r} is not an [x0, y0, x1, y1] box")
-            boxes.append(box)
-            label = item.get("label") if isinstance(item, dict) else None
-            classes.append(class_names.index(label) if label in class_names else 0)
-        unprompted += not boxes
-        records.append(ImageRecord(i, path, boxes=np.asarray(boxes, np.float32).reshape(-1, 4), box_classes=classes))
-    if unprompted:
-        log.warning("%s: %d images in %s have no box and get no prompt", json_path, unprompted, image_dir)
-    return records
+    ids = {}
+    for c in sorted(coco.dataset["categories"], key=lambda c: c["id"]):
+        ids.setdefault(c["name"], c["id"])
+    category_ids = [ids.get(name, i + 1) for i, name in enumerate(class_names)]
+    return RecordSet(records, category_ids, dropped)
 
 
 def _inside(segmentation: list | dict, height: int, width: int) -> bool:

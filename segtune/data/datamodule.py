@@ -13,13 +13,14 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, SequentialSampler
 
 from segtune.data.batch import collate
-from segtune.data.coco import ANNOTATION_FILE, boxes_records, class_names_of, coco_records, load_coco, read_json
+from segtune.data.boxes import boxes_records
+from segtune.data.coco import ANNOTATION_FILE, class_names_of, coco_records, load_coco, read_json
 from segtune.data.dataset import InstanceDataset
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.masks import MaskFormat, index_values, pair_images_and_masks
 from segtune.preprocessing import Preprocessing
 from segtune.data.prompts import PromptConfig
-from segtune.data.records import ImageRecord
+from segtune.data.records import ImageRecord, RecordSet
 from segtune.data.synthetic import write_shapes_coco
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,6 @@ class SegmentationDataModule(LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, InstanceDataset] = {}
         self._class_names: list[str] | None = None
-        self._coco_ids: dict[str, int] = {}
 
     # --- classes -----------------------------------------------------------------------------------
     @property
@@ -135,16 +135,6 @@ class SegmentationDataModule(LightningDataModule):
         if self._class_names is None:
             self._class_names = list(self.categories) if self.categories is not None else self._find_class_names()
         return self._class_names
-
-    def category_id(self, class_index: int) -> int:
-        """The category id class ``class_index`` has in the dataset's COCO json (``index + 1`` for masks),
-        so prediction files line up with the ground truth in COCO tools."""
-        name = self.class_names[class_index] if 0 <= class_index < len(self.class_names) else None
-        return self._coco_ids.get(name, class_index + 1)
-
-    def _remember_ids(self, coco) -> None:
-        for c in sorted(coco.dataset["categories"], key=lambda c: -c["id"]):  # the lowest id of a name wins
-            self._coco_ids[c["name"]] = c["id"]
 
     def _find_class_names(self) -> list[str]:
         if not self.root.is_dir():
@@ -181,23 +171,22 @@ class SegmentationDataModule(LightningDataModule):
         folder = self.root if self._split_by_file(stage) else self.root / self.splits[stage]
         return pair_images_and_masks(folder / self.image_dir, folder / self.mask_dir)
 
-    def _records(self, stage: str) -> list[ImageRecord]:
+    def _records(self, stage: str) -> RecordSet:
         if self.layout == "masks":
             records = [
                 ImageRecord(i, image, mask_path=mask, mask_format=self.mask_format)
                 for i, (image, mask) in enumerate(self._mask_pairs(stage))
             ]
+            found = RecordSet(records, [i + 1 for i in range(len(self.class_names))])
         else:
             json_path = self._coco_json(stage)
             image_dir = json_path.parent if self.layout == "roboflow" else self.root / self.image_dir
-            coco = load_coco(json_path)
-            self._remember_ids(coco)
-            records, dropped = coco_records(coco, json_path, image_dir, self.class_names)
-            if dropped:
-                log.info("%s: %d annotations of unselected categories ignored", json_path, dropped)
+            found = coco_records(load_coco(json_path), json_path, image_dir, self.class_names)
+            if found.dropped:
+                log.info("%s: %d annotations of unselected categories ignored", json_path, found.dropped)
         if self._split_by_file(stage):
-            records = self._take_split(records, stage)
-        return records
+            found.records = self._take_split(found.records, stage)
+        return found
 
     def _take_split(self, records: list[ImageRecord], stage: str) -> list[ImageRecord]:
         """This stage's share of one folder or json: a seeded shuffle of the files, cut by ``split_fractions``."""
@@ -209,7 +198,7 @@ class SegmentationDataModule(LightningDataModule):
         start, stop = bounds.get(stage, (n_train + n_val, len(ordered)))
         return [ordered[i] for i in order[start:stop]]
 
-    def _predict_records(self) -> list[ImageRecord]:
+    def _predict_records(self) -> RecordSet:
         assert self.predict_images is not None
         if self.predict_prompts is None:
             raise ValueError(
@@ -218,8 +207,7 @@ class SegmentationDataModule(LightningDataModule):
         data = read_json(self.predict_prompts)  # parsed once, whichever of the two formats it is
         if "annotations" in data:
             coco = load_coco(self.predict_prompts, data)
-            self._remember_ids(coco)
-            return coco_records(coco, self.predict_prompts, self.predict_images, self.class_names)[0]
+            return coco_records(coco, self.predict_prompts, self.predict_images, self.class_names)
         return boxes_records(self.predict_prompts, self.predict_images, self.class_names, data)
 
     # --- Lightning hooks -------------------------------------------------------------------------------
@@ -228,10 +216,8 @@ class SegmentationDataModule(LightningDataModule):
             raise ValueError("data.preprocessing is not set: run through `segtune`, which links it from the model")
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: data root folder not found")
-        if stage == "predict" and self.predict_images is not None:
-            records = self._predict_records()
-        else:
-            records = self._records(stage)
+        found = self._predict_records() if stage == "predict" and self.predict_images is not None else self._records(stage)
+        records = found.records
         empty = [r for r in records if not r.has_instances]
         if stage != "predict" and empty:  # no prompt can be made; predict keeps them (empty output)
             records = [r for r in records if r.has_instances]
@@ -243,7 +229,9 @@ class SegmentationDataModule(LightningDataModule):
             raise ValueError(f"{self.root}: split {self.splits[stage]!r} has no image with an instance")
         train = stage == "fit"
         augment = A.Compose(self.augmentations) if train and self.augmentations else None
-        return InstanceDataset(records, self.preprocessing, self.prompts, train, augment, self.seed, self.intensity)
+        return InstanceDataset(
+            records, self.preprocessing, self.prompts, train, augment, self.seed, self.intensity, found.category_ids
+        )
 
     def setup(self, stage: str) -> None:
         """Read the splits that ``stage`` needs."""

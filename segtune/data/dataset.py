@@ -31,6 +31,8 @@ class InstanceDataset(Dataset):
         augment: albumentations transforms applied to image and masks together (train only).
         seed: seeds the deterministic evaluation prompts.
         intensity: how 16-bit, float and grayscale images become the model's 3-channel input.
+        category_ids: the dataset's own id of each class index (COCO category ids), for prediction
+            files; ``index + 1`` when not given.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class InstanceDataset(Dataset):
         augment: A.Compose | None = None,
         seed: int = 0,
         intensity: IntensityPolicy | None = None,
+        category_ids: Sequence[int] | None = None,
     ) -> None:
         self.records = list(records)
         self.intensity = intensity or IntensityPolicy()
@@ -50,6 +53,13 @@ class InstanceDataset(Dataset):
         self.train = train
         self.augment = augment if train else None
         self.seed = seed
+        self.category_ids = list(category_ids) if category_ids is not None else None
+
+    def category_id(self, class_index: int) -> int:
+        """The dataset's own id of class ``class_index`` (``index + 1`` when the data has none)."""
+        if self.category_ids is not None and 0 <= class_index < len(self.category_ids):
+            return self.category_ids[class_index]
+        return class_index + 1
 
     def __len__(self) -> int:
         return len(self.records)
@@ -100,9 +110,9 @@ class InstanceDataset(Dataset):
         size = image.shape[:2]
         pixel_values, reshaped = preprocess_image(image, self.pre)
         given = boxes is not None
-        if given:  # no ground truth: empty masks keep one target per prompt
+        if given:  # no ground truth: no masks (the prompt count comes from prompt_valid)
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-            mask_t = torch.zeros(len(boxes), *size, dtype=torch.bool)
+            mask_t = torch.zeros(0, *size, dtype=torch.bool)
         else:
             mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *size, dtype=torch.bool)
             boxes = np.stack([mask_to_box(m) for m in masks]) if masks else np.zeros((0, 4), np.float32)

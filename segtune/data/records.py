@@ -55,6 +55,22 @@ class ImageRecord:
         return masks, [a["class_index"] for a in self.annotations]
 
 
+@dataclass
+class RecordSet:
+    """What a layout reader returns for one split.
+
+    Args:
+        records: one per image.
+        category_ids: the dataset's own id of each class index (COCO category ids; ``index + 1``
+            for mask folders and boxes files), used for prediction output.
+        dropped: annotations ignored because their category is not selected.
+    """
+
+    records: list[ImageRecord]
+    category_ids: list[int]
+    dropped: int = 0
+
+
 def decode_segmentation(segmentation: list | dict, height: int, width: int) -> np.ndarray:
     """A COCO ``segmentation`` (polygons, RLE or uncompressed crowd RLE) as an ``[H, W]`` bool mask."""
     if isinstance(segmentation, list):  # one or several polygons of one instance

@@ -19,11 +19,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from segtune.data.batch import Batch
-from segtune.preprocessing import Preprocessing, logits_to_original
 from segtune.loss import SamLoss
-from segtune.metrics import filled_boxes, segmentation_metrics
+from segtune.metrics import segmentation_metrics
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
+from segtune.postprocess import ImagePrediction, predictions, score_batch
+from segtune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class SegmentationModule(LightningModule):
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
     trainable_only_checkpoint: bool = False
+    #: The metric the best checkpoint, the exported adapter and early stopping follow, and its mode.
+    monitor: str = "val_dice"
+    mode: Literal["min", "max"] = "max"
 
     def __init__(
         self,
@@ -110,11 +114,8 @@ class SegmentationModule(LightningModule):
         self.configure_model()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
-        metrics = segmentation_metrics(self.class_names)
-        self.val_metrics = metrics.clone(prefix="val_")
-        self.val_box_metrics = metrics.clone(prefix="val_box_")
-        self.test_metrics = metrics.clone(prefix="test_")
-        self.test_box_metrics = metrics.clone(prefix="test_box_")
+        self.val_metrics = segmentation_metrics(self.class_names, "val_")
+        self.test_metrics = segmentation_metrics(self.class_names, "test_")
 
     # --- the step --------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> Any:
@@ -148,78 +149,43 @@ class SegmentationModule(LightningModule):
             return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
         return None  # Lightning skips the optimiser step
 
-    def _evaluate(self, batch: Batch, stage: str) -> dict[str, list[torch.Tensor]]:
+    def _evaluate(self, batch: Batch, stage: str) -> dict[str, list]:
         out = self(batch)
         n = len(batch["image_ids"])
         self.log(f"{stage}_loss", self._loss(out, batch)["loss"], batch_size=n, sync_dist=True)
+        predicted = predictions(out, batch, self.preprocessing)
+        scores = score_batch(predicted, batch)
         metrics = getattr(self, f"{stage}_metrics")
-        box_metrics = getattr(self, f"{stage}_box_metrics")
-        predicted = self.masks_at_original_size(out, batch)
-        for i, masks in enumerate(predicted):
-            target = batch["masks"][i]
-            classes = batch["category_ids"][i, : len(target)]
-            metrics.update(masks, target, classes)
-            box_metrics.update(self.box_floor(batch, i), target, classes)
-        scores = self._best_mask(out)[1]
-        # for callbacks (test report, validation pictures); Lightning does not keep them
-        return {"masks": predicted, "scores": [scores[i, : len(m)] for i, m in enumerate(predicted)]}
-
-    @staticmethod
-    def box_floor(batch: Batch, i: int) -> torch.Tensor:
-        """``[N, H, W]`` the filled box of each prompt of image ``i``: the floor a model must beat."""
-        size = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
-        return filled_boxes(batch["boxes"][i, : len(batch["masks"][i])], size)
+        for i, image_scores in enumerate(scores):
+            metrics.update(image_scores.as_dict(), batch["category_ids"][i, : len(image_scores.dice)])
+        # For callbacks (test report, validation pictures): the same scores, never recomputed.
+        return {"predictions": predicted, "scores": scores}
 
     def _log_metrics(self, stage: str) -> None:
-        for name in (f"{stage}_metrics", f"{stage}_box_metrics"):
-            collection = getattr(self, name)
-            self.log_dict(collection.compute(), prog_bar=name == f"{stage}_metrics")
-            collection.reset()
+        collection = getattr(self, f"{stage}_metrics")
+        values = collection.compute()
+        main = {f"{stage}_dice", f"{stage}_iou"}
+        self.log_dict({k: v for k, v in values.items() if k in main}, prog_bar=True)
+        self.log_dict({k: v for k, v in values.items() if k not in main})
+        collection.reset()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list[torch.Tensor]]:
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:
         return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, list[torch.Tensor]]:
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:
         return self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
-        out = self(batch)
-        scores = self._best_mask(out)[1]
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[ImagePrediction]:
+        """Masks at each image's original resolution and their predicted IoU, one per prompt."""
         return [
-            {
-                "image_id": batch["image_ids"][i],
-                "file_name": batch["file_names"][i],
-                "image_path": batch["image_paths"][i],
-                "original_size": tuple(int(v) for v in batch["original_sizes"][i]),
-                "masks": masks.cpu(),
-                "scores": scores[i, : len(masks)].float().cpu(),
-                "category_ids": batch["category_ids"][i, : len(masks)].cpu(),
-            }
-            for i, masks in enumerate(self.masks_at_original_size(out, batch))
+            ImagePrediction(p.masks.cpu(), p.scores.cpu()) for p in predictions(self(batch), batch, self.preprocessing)
         ]
-
-    # --- post-processing ---------------------------------------------------------------------
-    def _best_mask(self, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, N, h, w]`` logits and ``[B, N]`` scores: of several masks, the highest predicted IoU."""
-        scores, best = out.iou_scores.max(dim=2)
-        index = best[:, :, None, None, None].expand(-1, -1, 1, *out.pred_masks.shape[-2:])
-        return out.pred_masks.gather(2, index)[:, :, 0], scores
-
-    def masks_at_original_size(self, out: Any, batch: Batch) -> list[torch.Tensor]:
-        """Thresholded ``[N_i, H_i, W_i]`` bool masks at each image's original resolution."""
-        logits = self._best_mask(out)[0]
-        masks = []
-        for i, target in enumerate(batch["masks"]):
-            resized = (int(batch["reshaped_sizes"][i, 0]), int(batch["reshaped_sizes"][i, 1]))
-            original = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
-            masks.append(logits_to_original(logits[i, : len(target)], self.preprocessing, resized, original) > 0)
-        return masks
 
     # --- optimiser and checkpoints ---------------------------------------------------------------
     def configure_optimizers(self) -> Any:

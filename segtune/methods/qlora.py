@@ -1,84 +1,31 @@
-"""QLoRA: the model loaded in 4-bit NF4 (bitsandbytes), LoRA on top, decoder in full precision."""
+"""QLoRA: LoRA on a base loaded in 4-bit NF4 (bitsandbytes); only its defaults differ from LoRA."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from peft import prepare_model_for_kbit_training
-from torch import nn
-from transformers import BitsAndBytesConfig, PreTrainedModel
-
-from segtune.preprocessing import Preprocessing
-from segtune.methods.base import SegmentationModule
-from segtune.models.adapters import add_lora
-from segtune.models.loading import load_model
-
-# Kept in full precision: small, and what the method trains (decoder) or needs exact (prompt geometry).
-UNQUANTISED = ["mask_decoder", "prompt_encoder"]
+from segtune.methods.lora import LoRA
 
 
-class QLoRA(SegmentationModule):
-    """LoRA on a 4-bit NF4 quantised model (runs on CPU too: bitsandbytes supports 4-bit there).
+class QLoRA(LoRA):
+    """:class:`~segtune.methods.lora.LoRA` with ``quantization="nf4"``, a higher learning rate and
+    gradient checkpointing on, as the QLoRA recipe has them.
 
     Args:
         model: preset name, local folder or hub id.
-        r: LoRA rank.
-        alpha: LoRA scaling numerator (scale is ``alpha / r``).
-        dropout: dropout on the LoRA input.
-        target_modules: regex of the layers to adapt; ``None`` takes the model's preset.
-        modules_to_save: submodules trained in full beside the adapters, by name; the default is the
-            (unquantised) mask decoder; ``[]`` trains the adapters alone.
-        compute_dtype: dtype of the 4-bit layers' matmuls.
-        double_quant: also quantise the quantisation constants (saves ~0.4 bit per weight).
+        quantization: ``"nf4"`` (``"none"`` makes this plain LoRA).
         lr: peak learning rate.
-        gradient_checkpointing: recompute activations to save memory (QLoRA's usual setting).
-        **kwargs: see :class:`~segtune.methods.base.SegmentationModule`.
+        gradient_checkpointing: recompute activations to save memory.
+        **kwargs: see :class:`~segtune.methods.lora.LoRA` and
+            :class:`~segtune.methods.base.SegmentationModule`.
     """
-
-    trainable_only_checkpoint = True
 
     def __init__(
         self,
         model: str = "sam-tiny",
-        r: int = 8,
-        alpha: int = 16,
-        dropout: float = 0.0,
-        target_modules: str | None = None,
-        modules_to_save: list[str] = ["mask_decoder"],  # noqa: B006  (jsonargparse shows the default)
-        compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
-        double_quant: bool = True,
+        quantization: Literal["none", "nf4"] = "nf4",
         lr: float = 2e-4,
         gradient_checkpointing: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__(model=model, lr=lr, gradient_checkpointing=gradient_checkpointing, **kwargs)
-        self.lora = dict(r=r, alpha=alpha, dropout=dropout)
-        self.target_modules = target_modules
-        self.modules_to_save = list(modules_to_save)
-        self.quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-            llm_int8_skip_modules=UNQUANTISED,
-        )
-
-    def load(self) -> tuple[PreTrainedModel, Preprocessing, str]:
-        return load_model(self.model_name, quantization_config=self.quantization)
-
-    def adapt(self, model: PreTrainedModel, lora_targets: str) -> nn.Module:
-        # Checkpointing is enabled by the base class; here only the k-bit preparation.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        for module in model.modules():
-            if getattr(module, "support_avx512bf16_for_cpu", False):
-                # bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode pass,
-                # and its packed path then fails in training (in-place bias add on a leaf tensor).
-                # Validation runs between training epochs, so keep the trainable layout.
-                module.support_avx512bf16_for_cpu = False
-        return add_lora(
-            model,
-            self.target_modules or lora_targets,
-            modules_to_save=self.modules_to_save or None,
-            **self.lora,
-        )
+        super().__init__(model=model, quantization=quantization, lr=lr, gradient_checkpointing=gradient_checkpointing, **kwargs)

@@ -68,8 +68,12 @@ def write_preprocessing(folder: str | Path, pre: Preprocessing) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(hf, indent=2))
 
 
-def save_adapter(model: PeftModel, pre: Preprocessing, folder: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` and the preprocessing."""
+def save_pretrained(model: PreTrainedModel | PeftModel, pre: Preprocessing, folder: str | Path) -> Path:
+    """Write a model folder with its preprocessing, as safetensors.
+
+    A ``PeftModel`` writes its adapter (``adapter_config.json`` + ``adapter_model.safetensors``); a
+    plain model writes a folder that ``<Class>.from_pretrained`` loads without segtune.
+    """
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     write_preprocessing(folder, pre)
@@ -83,11 +87,3 @@ def load_adapter(base: PreTrainedModel, folder: str | Path) -> PeftModel:
             f"{folder}: no adapter_model.safetensors (segtune loads adapters from safetensors only)"
         )
     return PeftModel.from_pretrained(base, folder)
-
-
-def save_merged(model: PreTrainedModel, pre: Preprocessing, folder: str | Path) -> Path:
-    """Write a plain HF model folder that ``<Class>.from_pretrained`` loads without segtune."""
-    folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    write_preprocessing(folder, pre)
-    return folder

@@ -41,24 +41,14 @@ def lora_targets_of(model_type: str) -> str:
     return SAM3_ENCODER_TARGETS if model_type.startswith("sam3") else SAM_ENCODER_TARGETS
 
 
-TINY_POSITION_SCALE = 0.5
-
-
-def build_tiny(preset: ModelPreset, seed: int = 0) -> PreTrainedModel:
-    """Build a preset's random model; the same seed gives the same weights (so adapters reload)."""
+def build_random(preset: ModelPreset) -> PreTrainedModel:
+    """Build a preset's random model from its config; always the same weights (so adapters reload)."""
     assert preset.config is not None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         model = AutoModelForMaskGeneration.from_config(preset.config())
-        # HF draws Sam/SamHQ's random Fourier features at scale hidden_size // 2 (16 here, 128 for
-        # ViT-B); checkpoints overwrite them, but a random model then sees box positions as white
-        # noise and cannot learn to localise. Original SAM uses scale 1 on a 64x64 grid; on the
-        # tiny 16x16 grid 0.5 learned box prompts fastest (quickstart val_dice 0.81-0.82 over
-        # seeds 0-2, against 0.78 at 1 and under 0.6 at 3).
-        for name, param in model.named_parameters():
-            if name.endswith("shared_image_embedding.positional_embedding"):
-                with torch.no_grad():
-                    param.copy_(torch.randn_like(param) * TINY_POSITION_SCALE)
+        if preset.initialise is not None:
+            preset.initialise(model)
         return model
 
 
@@ -78,7 +68,7 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
     """
     preset = PRESETS.get(name)
     if preset is not None and preset.config is not None:
-        model = build_tiny(preset)
+        model = build_random(preset)
         if from_pretrained.get("quantization_config") is not None:
             # bitsandbytes quantises while loading weights: go through a saved copy.
             with tempfile.TemporaryDirectory() as folder:
@@ -122,14 +112,6 @@ def _not_found_message(name: str, source: str, error: Exception) -> str:
     )
 
 
-def model_type_of(name: str) -> str:
-    """The ``model_type`` of a preset, folder or cached hub id, without loading weights."""
-    preset = PRESETS.get(name)
-    if preset is not None and preset.config is not None:
-        return preset.config().model_type
-    return AutoConfig.from_pretrained(preset.hub_id if preset else name).model_type
-
-
 def preprocessing_for(name: str) -> Preprocessing:
     """A model's preprocessing from its preset or saved config, without loading weights."""
     preset = PRESETS.get(name)
@@ -142,16 +124,12 @@ def preprocessing_for(name: str) -> Preprocessing:
     return preprocessing_of(config, _processor_config(name))
 
 
-def enable_checkpointing(model: PreTrainedModel) -> bool:
-    """Recompute activations in the backward pass, where the model class supports it.
-
-    Returns:
-        False (with a warning) for classes transformers does not checkpoint, e.g. ``Sam2Model``.
-    """
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass, where the model class supports it (a warning
+    for classes transformers does not checkpoint, e.g. ``Sam2Model``)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         log.warning("%s does not support activation checkpointing; training without it", type(model).__name__)
-        return False
+        return
     # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
-    return True

@@ -1,6 +1,7 @@
 """Checkpoints users ask for, each with its model class, preprocessing and LoRA targets.
 
-Tiny presets are built from a small random config (no download) for tests and the quickstart.
+Tiny presets (:mod:`segtune.models.tiny`) are built from a small random config (no download), for
+smoke tests and the quickstart.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from transformers import PretrainedConfig, Sam2Config, Sam3TrackerConfig, SamConfig, SamHQConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
+from segtune.models import tiny
 from segtune.preprocessing import Preprocessing
 
 # Image-encoder attention (Sam, SamHQ, Sam2 fuse q/k/v in `qkv`; Sam3Tracker has separate projections)
@@ -19,7 +21,6 @@ SAM3_ENCODER_TARGETS = r".*vision_encoder\..*\.(q_proj|k_proj|v_proj)"
 # EdgeTAM's image encoder is RepViT, a convnet from timm with no attention projections: LoRA goes on
 # the 1x1 convs of its FPN neck (peft adapts Conv2d); a regex can reach the backbone's convs too.
 EDGETAM_TARGETS = r".*vision_encoder\.neck\.convs\.\d+"
-DECODER_TARGETS = r".*mask_decoder\.transformer\..*\.(q_proj|k_proj|v_proj|out_proj|o_proj)"
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ModelPreset:
         hub_id: Hugging Face hub id, or None for presets built from ``config``.
         preprocessing: input geometry and normalisation.
         lora_targets: regex (``re.fullmatch`` on module names) of the layers LoRA adapts.
-        config: builds the config of a tiny random model (no weights to download).
+        config: builds the config of a random model (no weights to download).
+        initialise: adjusts a random model built from ``config`` after HF's initialisation.
     """
 
     name: str
@@ -41,65 +43,11 @@ class ModelPreset:
     preprocessing: Preprocessing
     lora_targets: str = SAM_ENCODER_TARGETS
     config: Callable[[], PretrainedConfig] | None = None
+    initialise: Callable[[PreTrainedModel], None] | None = None
 
 
-_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32)
-# Sam's vision config defaults to initializer_range=1e-10, which makes a random model ignore the image.
-_SAM_VISION = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=256, patch_size=16, output_channels=32,
-    global_attn_indexes=[1], mlp_dim=128, num_pos_feats=16, window_size=4, initializer_range=0.02,
-)  # fmt: skip
-
-
-def _sam_tiny() -> SamConfig:
-    return SamConfig(
-        vision_config=_SAM_VISION,
-        prompt_encoder_config=dict(hidden_size=32, image_size=256, patch_size=16, image_embedding_size=16),
-        mask_decoder_config=_DECODER,
-    )
-
-
-def _samhq_tiny() -> SamHQConfig:
-    return SamHQConfig(
-        vision_config=_SAM_VISION,
-        prompt_encoder_config=dict(hidden_size=32, image_size=256, patch_size=16),
-        mask_decoder_config=dict(_DECODER, vit_dim=64),
-    )
-
-
-def _sam2_tiny() -> Sam2Config:
-    backbone = dict(
-        model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1, image_size=[256, 256],
-        blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
-        num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[8, 4, 4, 4],
-        global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4],
-    )  # fmt: skip
-    return Sam2Config(
-        vision_config=dict(
-            backbone_config=backbone,
-            backbone_channel_list=[128, 64, 32, 16],
-            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
-            fpn_hidden_size=32,
-        ),  # fmt: skip
-        prompt_encoder_config=dict(hidden_size=32, image_size=256, patch_size=16),
-        mask_decoder_config=_DECODER,
-    )
-
-
-def _sam3tracker_tiny() -> Sam3TrackerConfig:
-    backbone = dict(
-        model_type="sam3_vit_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=224, patch_size=14, window_size=8, global_attn_indexes=[1], pretrain_image_size=224,
-    )  # fmt: skip
-    return Sam3TrackerConfig(
-        vision_config=dict(
-            backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]
-        ),
-        prompt_encoder_config=dict(hidden_size=32, image_size=224, patch_size=14),
-        mask_decoder_config=_DECODER,
-    )
-
-
+_TINY_SAM = Preprocessing(256, "longest", "imagenet", 64)
+_POSITIONS = tiny.quickstart_positions
 _SAM = Preprocessing(1024, "longest", "imagenet", 256)
 _MEDSAM = Preprocessing(1024, "longest", "unit", 256)
 _SAM2 = Preprocessing(1024, "square", "imagenet", 256)
@@ -108,18 +56,12 @@ _SAM3 = Preprocessing(1008, "square", "imagenet", 288)
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
-        ModelPreset("sam-tiny", "SamModel", None, Preprocessing(256, "longest", "imagenet", 64), config=_sam_tiny),
+        ModelPreset("sam-tiny", "SamModel", None, _TINY_SAM, config=tiny.sam_tiny, initialise=_POSITIONS),
+        ModelPreset("samhq-tiny", "SamHQModel", None, _TINY_SAM, config=tiny.samhq_tiny, initialise=_POSITIONS),
+        ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", "imagenet", 64), config=tiny.sam2_tiny),
         ModelPreset(
-            "samhq-tiny", "SamHQModel", None, Preprocessing(256, "longest", "imagenet", 64), config=_samhq_tiny
-        ),
-        ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", "imagenet", 64), config=_sam2_tiny),
-        ModelPreset(
-            "sam3tracker-tiny",
-            "Sam3TrackerModel",
-            None,
-            Preprocessing(224, "square", "imagenet", 64),
-            SAM3_ENCODER_TARGETS,
-            _sam3tracker_tiny,
+            "sam3tracker-tiny", "Sam3TrackerModel", None, Preprocessing(224, "square", "imagenet", 64),
+            SAM3_ENCODER_TARGETS, tiny.sam3tracker_tiny,
         ),  # fmt: skip
         ModelPreset("sam-vit-base", "SamModel", "facebook/sam-vit-base", _SAM),
         ModelPreset("sam-vit-large", "SamModel", "facebook/sam-vit-large", _SAM),

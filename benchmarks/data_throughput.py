@@ -31,7 +31,7 @@ def measure(root: Path, workers: int, batch_size: int, batches: int) -> float:
         num_workers=workers,
         prompts=PromptConfig(kind="box+points", positive_points=1, negative_points=1),
         augmentations=[A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.5)],
-        preprocessing=Preprocessing(1024, "longest", "imagenet", 256),
+        preprocessing=Preprocessing(1024, "longest", 256),
     )
     dm.setup("fit")
     loader = iter(dm.train_dataloader())

@@ -161,6 +161,4 @@ def score_instances(preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tens
 
 def score_batch(preds: list[ImagePrediction], batch: dict[str, Any]) -> list[InstanceScores]:
     """:func:`score_instances` for every image of an evaluation batch (which has ground truth)."""
-    return [
-        score_instances(p.masks, batch["masks"][i], batch["boxes"][i, : len(p.masks)]) for i, p in enumerate(preds)
-    ]
+    return [score_instances(p.masks, batch["masks"][i], batch["boxes"][i, : len(p.masks)]) for i, p in enumerate(preds)]

@@ -17,8 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+# transformers.image_utils' IMAGENET_DEFAULT_* (SAM, SAM-HQ, SAM2, EdgeTAM processors) and
+# IMAGENET_STANDARD_* (Sam3Tracker's processor); MedSAM's recipe stops at [0, 1].
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STANDARD_MEAN = (0.5, 0.5, 0.5)
+STANDARD_STD = (0.5, 0.5, 0.5)
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -29,16 +35,31 @@ class Preprocessing:
         image_size: side of the square model input in pixels.
         resize: ``"longest"`` keeps the aspect ratio and pads bottom-right (SAM, SAM-HQ, MedSAM);
             ``"square"`` stretches to ``image_size`` x ``image_size`` (SAM2, Sam3Tracker, EdgeTAM).
-        normalize: ``"imagenet"`` applies ImageNet mean/std after scaling to [0, 1]; ``"unit"`` stops
-            at [0, 1] (MedSAM).
         mask_size: side of the low-resolution mask the model predicts (4x its image-embedding grid:
             256 for SAM at 1024 px).
+        image_mean: per-channel mean subtracted after scaling to [0, 1] (RGB).
+        image_std: per-channel standard deviation divided by after that; mean 0 and std 1 stop at
+            [0, 1] (MedSAM).
+
+    A checkpoint's ``preprocessor_config.json`` sets these when it has one
+    (:func:`segtune.models.loading.preprocessing_of`); presets are the fallback.
     """
 
     image_size: int = 1024
     resize: Literal["longest", "square"] = "longest"
-    normalize: Literal["imagenet", "unit"] = "imagenet"
     mask_size: int = 256
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # jsonargparse and json give lists: keep tuples so instances compare and hash alike
+        object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(
+                f"preprocessing: image_mean and image_std need 3 values each, std > 0 "
+                f"(got {self.image_mean}, {self.image_std})"
+            )
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """Shape ``(h, w)`` of the image inside the model input, before padding."""
@@ -71,13 +92,10 @@ def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tenso
         channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)) for c in range(3)]
         resized = np.stack([np.asarray(c.resize((new_w, new_h), Image.BILINEAR)) for c in channels], axis=2)
         scale = 1.0
-    if pre.normalize == "imagenet":
-        # (x * scale - mean) / std as one multiply-add per channel, in place in the padded output:
-        # on a 1024 px input this is several times faster than separate torch ops.
-        gains = [scale / s for s in IMAGENET_STD]
-        offsets = [m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
-    else:
-        gains, offsets = [scale] * 3, [0.0] * 3
+    # (x * scale - mean) / std as one multiply-add per channel, in place in the padded output:
+    # on a 1024 px input this is several times faster than separate torch ops.
+    gains = [scale / s for s in pre.image_std]
+    offsets = [m / s for m, s in zip(pre.image_mean, pre.image_std, strict=True)]
     out = np.zeros((3, pre.image_size, pre.image_size), dtype=np.float32)
     for c in range(3):
         view = out[c, :new_h, :new_w]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from segtune.cli import main
 from segtune.data.synthetic import write_shapes_coco
@@ -57,3 +63,42 @@ def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(autouse=True)
 def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def segtune_script() -> str:
+    """The ``segtune`` console script of the environment running the tests (nox's venv, or the user's)."""
+    found = shutil.which("segtune", path=str(Path(sys.executable).parent)) or shutil.which("segtune")
+    assert found, "the segtune console script is not installed"
+    return found
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of a CSVLogger run's ``metrics.csv``."""
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def last_metrics(run: Path) -> dict[str, float]:
+    """The last logged value of each column of a CSVLogger run's ``metrics.csv``."""
+    out: dict[str, float] = {}
+    for row in metrics_rows(run):
+        out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return out
+
+
+class RecordCallbacks(Callback):
+    """Test helper: writes the Trainer's callbacks (class name and a few settings, after every
+    callback's ``setup``) to ``callbacks.json`` in the working folder when fit starts, and how many
+    predictions the Trainer kept to ``predictions_kept.json`` when predict ends."""
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        kept = sum(len(p) for p in trainer.predict_loop.predictions) if trainer.predict_loop.predictions else 0
+        Path("predictions_kept.json").write_text(json.dumps(kept))
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        settings = ("every_n_epochs", "overlays", "monitor", "mode", "filename")
+        rows: list[dict[str, Any]] = [
+            {"class": type(c).__name__, **{k: getattr(c, k) for k in settings if hasattr(c, k)}}
+            for c in trainer.callbacks
+        ]
+        Path("callbacks.json").write_text(json.dumps(rows, default=str))

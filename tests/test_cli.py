@@ -16,20 +16,11 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, last_metrics
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
 # compare.yaml is not a Trainer config: tests/test_compare.py parses it
 ALL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "compare.yaml")
-
-
-def _metrics(run: Path) -> dict[str, float]:
-    """Last logged value of each column of a CSVLogger run."""
-    out: dict[str, float] = {}
-    with open(run / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return out
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,25 +52,15 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
     assert "class_path: segtune.data." in printed
 
 
-def test_quickstart_fast_dev_run(run_cli, shapes_root: Path) -> None:
-    cwd = run_cli("fit", "--config", QUICKSTART, "--trainer.fast_dev_run", "true", "--data.init_args.root", shapes_root)
-    # fast_dev_run logs nothing, but it must have trained on real batches without error
-    assert not (cwd / "runs" / "quickstart" / "version_0" / "checkpoints").exists()
-
-
 def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--config", QUICKSTART, "--data.init_args.root", shapes_root]
-    pictures = ["--trainer.callbacks+=segtune.callbacks.ValidationImages", "--trainer.callbacks.every_n_epochs=1"]
-    cwd = run_cli("fit", *common, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1", *pictures)
+    cwd = run_cli("fit", *common, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1")
     run = cwd / "runs" / "quickstart" / "version_0"
     assert (run / "config.yaml").is_file()
-    for epoch in (0, 1):  # image | ground truth | prediction, one row per validation image (4)
-        picture = cv2.imread(str(run / "val_images" / f"epoch_{epoch:03d}.png"))
-        assert picture is not None and picture.shape[0] == 4 * 256 and picture.shape[1] >= 3 * 256
     best = sorted((run / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
     assert "Best checkpoint (val_dice=" in capsys.readouterr().out
-    fit_metrics = _metrics(run)
+    fit_metrics = last_metrics(run)
     for key in ("val_dice", "val_iou", "val_box_dice", "val_dice/star", "val_dice/cross", "train_loss"):
         assert key in fit_metrics, key
     assert 0.0 <= fit_metrics["val_dice"] <= 1.0
@@ -87,7 +68,7 @@ def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.
     capsys.readouterr()
     run_cli("test", *common, "--ckpt_path", best[0])
     test_run = cwd / "runs" / "quickstart" / "version_1"
-    test_metrics = _metrics(test_run)
+    test_metrics = last_metrics(test_run)
     for key in ("test_dice", "test_iou", "test_box_dice"):
         assert 0.0 <= test_metrics[key] <= 1.0, key
     # the report's means are the logged metrics, per image rows cover the test split
@@ -107,7 +88,7 @@ def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.
 
     run_cli("validate", *common, "--ckpt_path", best[0])
     # validating the best checkpoint reproduces the val_dice it was selected by
-    assert _metrics(cwd / "runs" / "quickstart" / "version_2")["val_dice"] == pytest.approx(
+    assert last_metrics(cwd / "runs" / "quickstart" / "version_2")["val_dice"] == pytest.approx(
         float(best[0].stem.split("val_dice")[1]), abs=1e-4
     )
 
@@ -151,3 +132,22 @@ def test_validation_images_reach_tensorboard(run_cli, shapes_root: Path) -> None
     events = EventAccumulator(str(cwd / "tb" / "quickstart" / "version_0")).Reload()
     assert "val_images" in events.Tags()["images"]
     assert (cwd / "tb" / "quickstart" / "version_0" / "val_images" / "epoch_000.png").is_file()
+
+
+def test_predict_keeps_nothing_it_has_written(run_cli, shapes_root: Path) -> None:
+    common = ["--config", QUICKSTART, "--data.init_args.root", shapes_root]
+    cwd = run_cli("fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    (best,) = (cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt")
+    run_cli("predict", *common, "--ckpt_path", best, "--trainer.callbacks+=tests.conftest.RecordCallbacks")
+    assert len(list((cwd / "runs/quickstart/version_1/predictions/masks").glob("*.png"))) == 4  # written...
+    assert json.loads((cwd / "predictions_kept.json").read_text()) == 0  # ...and not also held by the Trainer
+
+
+def test_lightning_optimizer_flags_are_not_offered(capsys: pytest.CaptureFixture[str]) -> None:
+    from segtune.cli import main
+
+    # they would replace the method's optimiser (warm-up, cosine decay, frozen parameters left out)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), "--optimizer", "torch.optim.SGD", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "optimizer" in capsys.readouterr().err

@@ -10,18 +10,13 @@ import pytest
 import yaml
 
 from segtune.cli import main
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, metrics_rows
 
 
 def _compare(*args: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", *args])
     return exit_info.value.code
-
-
-def _rows(metrics_csv: Path) -> list[dict[str, str]]:
-    with open(metrics_csv) as f:
-        return list(csv.DictReader(f))
 
 
 def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
@@ -61,10 +56,10 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
             continue
         cell = tmp_path / "cmp" / f"{key[0]}__{key[1]}"
         assert row["status"] == "ok", row["error"]
-        tested = [r for r in _rows(cell / "test" / "metrics.csv") if r.get("test_dice")][-1]
+        tested = [r for r in metrics_rows(cell / "test") if r.get("test_dice")][-1]
         assert row["test_dice"] == pytest.approx(float(tested["test_dice"]))
         assert row["test_iou"] == pytest.approx(float(tested["test_iou"]))
-        best = max(float(r["val_dice"]) for r in _rows(cell / "fit" / "metrics.csv") if r.get("val_dice"))
+        best = max(float(r["val_dice"]) for r in metrics_rows(cell / "fit") if r.get("val_dice"))
         assert row["best_val_dice"] == pytest.approx(best)
         stats = json.loads((cell / "fit" / "cell_stats.json").read_text())
         assert row["trainable_params"] == stats["trainable_params"] > 0

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from segtune.data import Preprocessing, PromptConfig, SegmentationDataModule
 from segtune.data.coco import ANNOTATION_FILE, class_names_of, load_coco
 
-PRE = Preprocessing(256, "longest", "imagenet", 64)
+PRE = Preprocessing(256, "longest", 64)
 
 
 def _datamodule(root: Path, **kwargs) -> SegmentationDataModule:

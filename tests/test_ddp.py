@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import csv
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from segtune.data.synthetic import write_shapes_coco
-from tests.conftest import CONFIGS
-
-
-def _metrics(run: Path) -> dict[str, float]:
-    out: dict[str, float] = {}
-    with open(run / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if v})
-    return out
+from tests.conftest import CONFIGS, last_metrics, segtune_script
 
 
 def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
-    segtune = shutil.which("segtune", path=str(Path(sys.executable).parent)) or shutil.which("segtune")
-    assert segtune, "the segtune console script is not installed"
+    segtune = segtune_script()
     # 5 test images: 2 processes cannot split them evenly, so a repeated image would show
     data = write_shapes_coco(tmp_path / "data", {"train": 4, "valid": 3, "test": 5}, seed=3)
     common = ["--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.root", str(data),
@@ -42,7 +30,10 @@ def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
     one = subprocess.run([segtune, "test", *common, "--trainer.devices", "1", "--ckpt_path", str(best)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    in_two, in_one = _metrics(tmp_path / "runs/quickstart/version_1"), _metrics(tmp_path / "runs/quickstart/version_2")
+    in_two, in_one = (
+        last_metrics(tmp_path / "runs/quickstart/version_1"),
+        last_metrics(tmp_path / "runs/quickstart/version_2"),
+    )
     for key in ("test_dice", "test_iou", "test_box_dice", "test_dice/star", "test_dice/cross"):
         assert in_two[key] == pytest.approx(in_one[key], abs=1e-6), key
     import json

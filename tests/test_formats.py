@@ -18,7 +18,7 @@ from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.data.masks import MaskFormat, read_instances
 from segtune.data.records import decode_segmentation
 
-PRE = Preprocessing(256, "longest", "imagenet", 64)
+PRE = Preprocessing(256, "longest", 64)
 H, W = 48, 64
 
 

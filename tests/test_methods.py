@@ -10,11 +10,11 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from segtune.preprocessing import Preprocessing
 from segtune.methods import FullFinetune, LoRA, QLoRA
 from segtune.models.adapters import load_adapter, save_pretrained
 from segtune.models.loading import ModelNotFoundError, build_random, load_model
 from segtune.models.presets import PRESETS
+from segtune.preprocessing import Preprocessing
 from tests.conftest import CONFIGS
 from tests.junk_data import collate_with_junk
 
@@ -112,7 +112,7 @@ def test_adapter_round_trip_and_merge(tmp_path: Path) -> None:
     assert not _close(plain, expected, 0.05)  # the adapter changes the output
 
     save_pretrained(module.model, pre, tmp_path / "adapter")
-    assert {"adapter_config.json", "adapter_model.safetensors", "segtune_preprocessing.json"} <= {
+    assert {"adapter_config.json", "adapter_model.safetensors", "preprocessor_config.json"} <= {
         p.name for p in (tmp_path / "adapter").iterdir()
     }
     reloaded = load_adapter(build_random(PRESETS["sam-tiny"]), tmp_path / "adapter").eval()
@@ -156,7 +156,7 @@ def test_missing_model_is_one_line_that_says_how_to_get_it(tmp_path: Path, monke
 
 def test_local_folder_loads_with_preprocessing_from_its_files(tmp_path: Path) -> None:
     model = build_random(PRESETS["sam-tiny"])
-    pre = Preprocessing(256, "longest", "unit", 64)  # MedSAM-style [0, 1] scaling
+    pre = Preprocessing(256, "longest", 64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # MedSAM-style [0, 1] scaling
     save_pretrained(model, pre, tmp_path / "medsam-like")
     loaded, loaded_pre, targets = load_model(str(tmp_path / "medsam-like"))
     assert loaded_pre == pre

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+from tests.conftest import ROOT, metrics_rows, segtune_script
 
 
 @pytest.mark.slow
 def test_quickstart_beats_the_box_floor_and_tests(tmp_path: Path) -> None:
-    # The console script of the environment running the tests (nox's venv, or the user's).
-    segtune = shutil.which("segtune", path=str(Path(sys.executable).parent)) or shutil.which("segtune")
-    assert segtune, "the segtune console script is not installed"
+    segtune = segtune_script()
     config = str(ROOT / "configs" / "quickstart.yaml")
     fit = subprocess.run([segtune, "fit", "--config", config], cwd=tmp_path, capture_output=True, text=True)
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -31,7 +21,7 @@ def test_quickstart_beats_the_box_floor_and_tests(tmp_path: Path) -> None:
     best = re.search(r"Best checkpoint \(val_dice=([0-9.]+)\): (\S+)", fit.stdout)
     assert best, fit.stdout[-2000:]
 
-    validated = [r for r in _rows(tmp_path / "runs/quickstart/version_0") if r.get("val_dice")]
+    validated = [r for r in metrics_rows(tmp_path / "runs/quickstart/version_0") if r.get("val_dice")]
     top = max(validated, key=lambda r: float(r["val_dice"]))
     assert float(top["val_dice"]) == pytest.approx(float(best.group(1)), abs=1e-4)
     assert float(top["val_dice"]) >= 0.80
@@ -45,6 +35,6 @@ def test_quickstart_beats_the_box_floor_and_tests(tmp_path: Path) -> None:
     )
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test_dice" in test.stdout and "test_iou" in test.stdout
-    logged = {k: float(v) for r in _rows(tmp_path / "runs/quickstart/version_1") for k, v in r.items() if v}
+    logged = {k: float(v) for r in metrics_rows(tmp_path / "runs/quickstart/version_1") for k, v in r.items() if v}
     assert logged["test_dice"] > logged["test_box_dice"]
     assert 0.0 < logged["test_iou"] <= logged["test_dice"] <= 1.0

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, metrics_rows, segtune_script
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
-
-
-def _segtune() -> str:
-    found = shutil.which("segtune", path=str(Path(sys.executable).parent)) or shutil.which("segtune")
-    assert found, "the segtune console script is not installed"
-    return found
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _last(rows: list[dict[str, str]], key: str) -> float:
@@ -36,7 +22,7 @@ def _last(rows: list[dict[str, str]], key: str) -> float:
 
 def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(shapes_root: Path, tmp_path: Path) -> None:
     fit = [
-        _segtune(), "fit", "--config", str(QUICKSTART), "--data.init_args.root", str(shapes_root),
+        segtune_script(), "fit", "--config", str(QUICKSTART), "--data.init_args.root", str(shapes_root),
         "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--data.init_args.batch_size", "2",
         "--trainer.log_every_n_steps", "1",
         "--trainer.callbacks+=tests.junk_data.PauseInEpoch",
@@ -64,7 +50,7 @@ def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(shapes_root: Pa
     resumed = subprocess.run([*fit, "--ckpt_path", "last"], cwd=broken, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (broken / "runs/quickstart/version_1").exists()  # continued in its own folder
-    reference, after = _rows(whole / "runs/quickstart/version_0"), _rows(run)
+    reference, after = metrics_rows(whole / "runs/quickstart/version_0"), metrics_rows(run)
     for key in ("val_dice", "val_iou", "val_box_dice", "train_loss"):
         assert _last(after, key) == pytest.approx(_last(reference, key), abs=1e-6), key
     assert {int(r["epoch"]) for r in after if r.get("val_dice")} == {0, 1, 2}  # earlier rows kept
@@ -72,6 +58,31 @@ def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(shapes_root: Pa
     expected = torch.load(whole / "runs/quickstart/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert final.keys() == expected.keys()
     assert all(torch.allclose(final[k], expected[k], atol=1e-6) for k in final)
+
+
+def test_adapter_after_a_resume_is_still_the_best_checkpoints(run_cli, shapes_root: Path) -> None:
+    from safetensors.torch import load_file
+
+    common = ["--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.limit_train_batches", "2"]
+    cwd = run_cli("fit", *common, "--trainer.max_epochs", "1")  # the best epoch: 0
+    run = cwd / "runs/quickstart/version_0"
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    # Resumed epochs validate nothing, so no later epoch can become the best: the adapter must stay epoch 0's.
+    run_cli("fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_val_batches", "0", "--ckpt_path", "last")
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 2
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    lora = {k: v for k, v in adapter.items() if "lora_" in k}
+    best_weights = torch.load(best, weights_only=True)["state_dict"]
+    last_weights = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+
+    def ckpt_key(key: str) -> str:  # adapter file names -> the module's state_dict names
+        return "model." + key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+
+    assert lora and all(torch.equal(v, best_weights[ckpt_key(k)]) for k, v in lora.items())
+    assert not all(torch.equal(v, last_weights[ckpt_key(k)]) for k, v in lora.items())  # training went on
+    assert best.name in (run / "adapter" / "best_checkpoint.txt").read_text()
 
 
 def test_resume_without_a_checkpoint_is_one_line(run_cli, shapes_root: Path, capsys) -> None:
@@ -91,7 +102,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_skips(policy: str, run_cli, sha
     ]  # fmt: skip
     if policy == "skip":
         cwd = run_cli(*args)
-        rows = _rows(cwd / "runs/quickstart/version_0")
+        rows = metrics_rows(cwd / "runs/quickstart/version_0")
         assert {int(r["epoch"]) for r in rows if r.get("val_dice")} == {0, 1}
         return
     with pytest.raises(SystemExit) as exit_info:

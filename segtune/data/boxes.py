@@ -14,9 +14,7 @@ from segtune.data.records import ImageRecord, RecordSet
 log = logging.getLogger(__name__)
 
 
-def boxes_records(
-    json_path: Path, image_dir: Path, class_names: list[str], data: dict | None = None
-) -> RecordSet:
+def boxes_records(json_path: Path, image_dir: Path, class_names: list[str], data: dict | None = None) -> RecordSet:
     """Predict records for every image in ``image_dir``, with prompt boxes from a boxes json.
 
     The json maps a file name or stem to ``[[x0, y0, x1, y1], ...]`` or to Kvasir's

@@ -18,10 +18,10 @@ from segtune.data.coco import ANNOTATION_FILE, class_names_of, coco_records, loa
 from segtune.data.dataset import InstanceDataset
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.masks import MaskFormat, index_values, pair_images_and_masks
-from segtune.preprocessing import Preprocessing
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord, RecordSet
 from segtune.data.synthetic import write_shapes_coco
+from segtune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,9 @@ class SegmentationDataModule(LightningDataModule):
             raise ValueError("data.preprocessing is not set: run through `segtune`, which links it from the model")
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: data root folder not found")
-        found = self._predict_records() if stage == "predict" and self.predict_images is not None else self._records(stage)
+        found = (
+            self._predict_records() if stage == "predict" and self.predict_images is not None else self._records(stage)
+        )
         records = found.records
         empty = [r for r in records if not r.has_instances]
         if stage != "predict" and empty:  # no prompt can be made; predict keeps them (empty output)

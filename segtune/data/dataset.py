@@ -13,9 +13,9 @@ from torch.utils.data import Dataset
 from segtune.data.batch import Sample
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
-from segtune.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
 from segtune.data.records import ImageRecord
+from segtune.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
 
 log = logging.getLogger(__name__)
 

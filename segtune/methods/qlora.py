@@ -28,4 +28,6 @@ class QLoRA(LoRA):
         gradient_checkpointing: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__(model=model, quantization=quantization, lr=lr, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        super().__init__(
+            model=model, quantization=quantization, lr=lr, gradient_checkpointing=gradient_checkpointing, **kwargs
+        )

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from segtune.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-
-PREPROCESSING_FILE = "segtune_preprocessing.json"
+from segtune.preprocessing import Preprocessing
 
 
 def add_lora(
@@ -43,28 +41,49 @@ def add_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, modules_to_save=modules_to_save
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property: a FutureWarning
+        # on every run that the user cannot act on (transformers 5 names it is_activation_checkpointing).
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
-def write_preprocessing(folder: str | Path, pre: Preprocessing) -> None:
-    """Write segtune's preprocessing and an HF ``preprocessor_config.json`` describing it."""
+def processor_class(model_type: str) -> str:
+    """The image processor class transformers' ``AutoImageProcessor`` maps a model type to."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+    if isinstance(names, str):
+        return names
+    # the default backend's class (SamImageProcessor falls back to its PIL twin without torchvision)
+    return names.get("torchvision") or names.get("pil") or "SamImageProcessor"
+
+
+def write_preprocessing(folder: str | Path, pre: Preprocessing, model_type: str = "sam") -> None:
+    """Write an HF ``preprocessor_config.json`` describing segtune's preprocessing (loading reads it back).
+
+    The HF file names the processor class that ``AutoImageProcessor`` uses for ``model_type``
+    (``Sam3ImageProcessor`` for Sam3Tracker, ``Sam2ImageProcessor`` for SAM2 and EdgeTAM), with
+    the mean, std and sizes segtune trained with.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / PREPROCESSING_FILE).write_text(json.dumps(asdict(pre), indent=2))
     square = pre.resize == "square"
     hf = {
-        "image_processor_type": "Sam2ImageProcessorFast" if square else "SamImageProcessor",
+        "image_processor_type": processor_class(model_type),
         "do_resize": True,
         "size": {"height": pre.image_size, "width": pre.image_size} if square else {"longest_edge": pre.image_size},
+        "mask_size": {"height": pre.mask_size, "width": pre.mask_size} if square else {"longest_edge": pre.mask_size},
+        "resample": 2,  # bilinear
         "do_rescale": True,
         "rescale_factor": 1 / 255,
-        "do_normalize": pre.normalize == "imagenet",
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "do_pad": not square,
-        "pad_size": {"height": pre.image_size, "width": pre.image_size},
-        "mask_size": {"height": pre.mask_size, "width": pre.mask_size},
+        "do_normalize": True,
+        "image_mean": list(pre.image_mean),
+        "image_std": list(pre.image_std),
+        "do_convert_rgb": True,
     }
+    if not square:
+        hf.update(do_pad=True, pad_size={"height": pre.image_size, "width": pre.image_size})
     (folder / "preprocessor_config.json").write_text(json.dumps(hf, indent=2))
 
 
@@ -76,7 +95,7 @@ def save_pretrained(model: PreTrainedModel | PeftModel, pre: Preprocessing, fold
     """
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
-    write_preprocessing(folder, pre)
+    write_preprocessing(folder, pre, getattr(getattr(model, "config", None), "model_type", "sam"))
     return folder
 
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForMaskGeneration, PretrainedConfig, PreTrainedModel
 
-from segtune.preprocessing import Preprocessing
 from segtune.models.presets import PRESETS, SAM3_ENCODER_TARGETS, SAM_ENCODER_TARGETS, ModelPreset
+from segtune.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STANDARD_MEAN,
+    STANDARD_STD,
+    UNIT_MEAN,
+    UNIT_STD,
+    Preprocessing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +33,57 @@ class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a preset, a local folder nor a reachable hub id."""
 
 
-def preprocessing_of(config: PretrainedConfig, processor_config: dict[str, Any] | None = None) -> Preprocessing:
-    """Derive the input geometry from a model config and, when present, its ``preprocessor_config.json``."""
+def family_preprocessing(config: PretrainedConfig) -> Preprocessing:
+    """The input a model family's HF processor gives, from the model config alone (the fallback)."""
     prompt = config.prompt_encoder_config
-    normalize = "unit" if processor_config and processor_config.get("do_normalize") is False else "imagenet"
+    standard = config.model_type.startswith("sam3")  # Sam3ImageProcessor: IMAGENET_STANDARD_*
     return Preprocessing(
         image_size=int(prompt.image_size),
         resize="square" if config.model_type in _SQUARE_INPUT else "longest",
-        normalize=normalize,
         mask_size=4 * int(prompt.image_size) // int(prompt.patch_size),
+        image_mean=STANDARD_MEAN if standard else IMAGENET_MEAN,
+        image_std=STANDARD_STD if standard else IMAGENET_STD,
     )
+
+
+def apply_processor_config(base: Preprocessing, processor: dict[str, Any] | None, source: str = "") -> Preprocessing:
+    """``base`` with what a checkpoint's ``preprocessor_config.json`` says: size and resize policy,
+    mask size, mean and std (``do_normalize: false`` stops at [0, 1]).
+
+    Raises:
+        ValueError: naming the file when it asks for an input segtune cannot reproduce (a
+            non-square target size, a rescale other than 1/255).
+    """
+    if not processor:
+        return base
+    where = f"{source}/preprocessor_config.json" if source else "preprocessor_config.json"
+    changes: dict[str, Any] = {}
+    size = processor.get("size") or {}
+    if "longest_edge" in size:
+        changes.update(image_size=int(size["longest_edge"]), resize="longest")
+    elif "height" in size and "width" in size:
+        if int(size["height"]) != int(size["width"]):
+            raise ValueError(f"{where}: size {size} is not square; SAM-family models take a square input")
+        changes.update(image_size=int(size["height"]), resize="square")
+    mask = processor.get("mask_size") or {}
+    if "longest_edge" in mask or "height" in mask:
+        changes["mask_size"] = int(mask.get("longest_edge") or mask["height"])
+    rescale = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
+    if abs(rescale - 1 / 255) > 1e-9:
+        raise ValueError(f"{where}: rescale {rescale} is not supported (segtune scales 8-bit images by 1/255)")
+    if processor.get("do_normalize", True) is False:
+        changes.update(image_mean=UNIT_MEAN, image_std=UNIT_STD)
+    else:
+        for key in ("image_mean", "image_std"):
+            value = processor.get(key)
+            if value is not None:
+                changes[key] = tuple(value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+    return replace(base, **changes)
+
+
+def preprocessing_of(config: PretrainedConfig, processor: dict[str, Any] | None = None) -> Preprocessing:
+    """A model's input: its ``preprocessor_config.json`` when it has one, else its family's processor."""
+    return apply_processor_config(family_preprocessing(config), processor)
 
 
 def lora_targets_of(model_type: str) -> str:
@@ -81,20 +131,50 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
     except (OSError, ValueError) as e:  # ValueError: a folder without a usable config.json
         raise ModelNotFoundError(_not_found_message(name, source, e)) from None
     if preset is not None:
-        return model, preset.preprocessing, preset.lora_targets
-    return model, preprocessing_of(model.config, _processor_config(source)), lora_targets_of(model.config.model_type)
+        pre = apply_processor_config(preset.preprocessing, processor_config(source, cache_only=True), source)
+        return model, pre, preset.lora_targets
+    pre = apply_processor_config(family_preprocessing(model.config), processor_config(source), source)
+    return model, pre, lora_targets_of(model.config.model_type)
 
 
-def _processor_config(source: str) -> dict[str, Any] | None:
+def processor_config(source: str, cache_only: bool = False) -> dict[str, Any] | None:
+    """A checkpoint's ``preprocessor_config.json`` (a local folder, the HF cache, then the hub), or None.
+
+    Args:
+        source: a folder or hub id.
+        cache_only: never ask the network (presets: their weights come from the cache too).
+    """
     path = Path(source) / "preprocessor_config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return _read_processor(path)
+    if Path(source).expanduser().exists():  # a local folder without one
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "preprocessor_config.json")
+    except ValueError:  # not a valid hub id (HFValidationError)
+        return None
+    if isinstance(cached, str):
+        return _read_processor(Path(cached))
+    if cache_only:
+        return None
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(source, "preprocessor_config.json")).read_text())
-    except Exception:  # no processor file, no network: ImageNet normalisation is the SAM default
+        return _read_processor(Path(hf_hub_download(source, "preprocessor_config.json")))
+    except Exception:  # no processor file, no network: the family's processor values apply
         return None
+
+
+def _read_processor(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid json ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a json object")
+    return data
 
 
 def _not_found_message(name: str, source: str, error: Exception) -> str:
@@ -116,12 +196,14 @@ def preprocessing_for(name: str) -> Preprocessing:
     """A model's preprocessing from its preset or saved config, without loading weights."""
     preset = PRESETS.get(name)
     if preset is not None:
-        return preset.preprocessing
+        if preset.hub_id is None:
+            return preset.preprocessing
+        return apply_processor_config(preset.preprocessing, processor_config(preset.hub_id, True), preset.hub_id)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(_not_found_message(name, name, e)) from None
-    return preprocessing_of(config, _processor_config(name))
+    return apply_processor_config(family_preprocessing(config), processor_config(name), name)
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:

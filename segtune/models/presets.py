@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig, PreTrainedModel
 
 from segtune.models import tiny
-from segtune.preprocessing import Preprocessing
+from segtune.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STANDARD_MEAN,
+    STANDARD_STD,
+    UNIT_MEAN,
+    UNIT_STD,
+    Preprocessing,
+)
 
 # Image-encoder attention (Sam, SamHQ, Sam2 fuse q/k/v in `qkv`; Sam3Tracker has separate projections)
 # and the two-way transformer of the mask decoder (`out_proj` in Sam/SamHQ, `o_proj` in Sam2/Sam3).
@@ -46,22 +54,28 @@ class ModelPreset:
     initialise: Callable[[PreTrainedModel], None] | None = None
 
 
-_TINY_SAM = Preprocessing(256, "longest", "imagenet", 64)
+_TINY_SAM = Preprocessing(256, "longest", 64)
 _POSITIONS = tiny.quickstart_positions
-_SAM = Preprocessing(1024, "longest", "imagenet", 256)
-_MEDSAM = Preprocessing(1024, "longest", "unit", 256)
-_SAM2 = Preprocessing(1024, "square", "imagenet", 256)
-_SAM3 = Preprocessing(1008, "square", "imagenet", 288)
+# As HF's processor of each family (SamImageProcessor, Sam2ImageProcessor, Sam3ImageProcessor):
+# used only when a checkpoint has no preprocessor_config.json of its own.
+_SAM = Preprocessing(1024, "longest", 256, IMAGENET_MEAN, IMAGENET_STD)
+_MEDSAM = Preprocessing(1024, "longest", 256, UNIT_MEAN, UNIT_STD)  # MedSAM's recipe: [0, 1], no mean/std
+_SAM2 = Preprocessing(1024, "square", 256, IMAGENET_MEAN, IMAGENET_STD)
+_SAM3 = Preprocessing(1008, "square", 288, STANDARD_MEAN, STANDARD_STD)
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
         ModelPreset("sam-tiny", "SamModel", None, _TINY_SAM, config=tiny.sam_tiny, initialise=_POSITIONS),
         ModelPreset("samhq-tiny", "SamHQModel", None, _TINY_SAM, config=tiny.samhq_tiny, initialise=_POSITIONS),
-        ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", "imagenet", 64), config=tiny.sam2_tiny),
+        ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", 64), config=tiny.sam2_tiny),
         ModelPreset(
-            "sam3tracker-tiny", "Sam3TrackerModel", None, Preprocessing(224, "square", "imagenet", 64),
-            SAM3_ENCODER_TARGETS, tiny.sam3tracker_tiny,
+            "sam3tracker-tiny",
+            "Sam3TrackerModel",
+            None,
+            Preprocessing(224, "square", 64, STANDARD_MEAN, STANDARD_STD),
+            SAM3_ENCODER_TARGETS,
+            tiny.sam3tracker_tiny,
         ),  # fmt: skip
         ModelPreset("sam-vit-base", "SamModel", "facebook/sam-vit-base", _SAM),
         ModelPreset("sam-vit-large", "SamModel", "facebook/sam-vit-large", _SAM),

@@ -6,7 +6,7 @@ fp32, batch 1 on CPU; bf16, batch 8 on CUDA. Implementations run round-robin wit
 load changes on a shared machine hit them alike; the table gives the median. Peak memory is measured on
 CUDA only (allocator statistics); the CPU has no per-call equivalent.
 
-    python benchmarks/attention_speed.py [--device cpu|cuda] [--layers global window] [--repeats 5]
+    python benchmarks/attention_speed.py [--device cpu|cuda] [--layers global window] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -117,9 +117,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--batch", type=int, default=None, help="images (default 1 on CPU, 8 on CUDA)")
     parser.add_argument("--layers", nargs="+", choices=["global", "window"], default=["global", "window"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))

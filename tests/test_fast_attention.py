@@ -6,6 +6,7 @@ random non-zero relative-position tables (HF initialises them to zeros, which wo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -139,12 +140,17 @@ def test_attention_module_matches_hf(model_class, attn: str, layer: int, grid: t
 
 
 @pytest.mark.parametrize(
-    "model_class, window",
-    [(SamModel, 4), (SamHQModel, 4), (SamModel, 6)],
-    ids=["sam", "samhq", "sam-padded-windows"],  # 16 tokens do not split into windows of 6: padding
+    "model_class, vision",
+    [
+        (SamModel, {}),
+        (SamHQModel, {}),
+        (SamModel, dict(window_size=6)),  # 16 tokens do not split into windows of 6: padded windows
+        (SamModel, dict(hidden_size=42, num_attention_heads=3)),  # SlimSAM-77-like head_dim 14 (168 / 12)
+    ],
+    ids=["sam", "samhq", "sam-padded-windows", "slimsam-head-dim-14"],
 )
-def test_encoder_matches_hf_eager_and_sdpa(model_class, window: int) -> None:
-    eager, sdpa = _model(model_class, "eager", window_size=window), _model(model_class, "sdpa", window_size=window)
+def test_encoder_matches_hf_eager_and_sdpa(model_class, vision: dict) -> None:
+    eager, sdpa = _model(model_class, "eager", **vision), _model(model_class, "sdpa", **vision)
     sdpa.load_state_dict(eager.state_dict())
     torch.manual_seed(3)
     pixels = torch.randn(1, 3, IMAGE, IMAGE, requires_grad=True)
@@ -253,6 +259,7 @@ def test_install_is_idempotent_reversible_and_checkpoints_load_either_way() -> N
     attn = model.vision_encoder.layers[0].attn
     # still an instance of HF's class, so transformers' output-capturing hooks find it
     assert type(attn).__name__ == "FusedSamHQVisionAttention" and isinstance(attn, SamHQVisionAttention)
+    assert type(copy.deepcopy(model).vision_encoder.layers[0].attn) is type(attn)  # module-level classes pickle
     fresh = _model(SamHQModel, "eager", seed=5)
     install_fast_attention(fresh)
     fresh.load_state_dict(plain_state)  # strict: same keys

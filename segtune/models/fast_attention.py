@@ -15,6 +15,12 @@ over a wider head::
 and :func:`torch.nn.functional.scaled_dot_product_attention` then runs with no mask at all, which lets
 its fused (flash / memory-efficient / CPU flash) kernels run and never stores the N x N matrix.
 
+The price is arithmetic: the q.k and p.v products run over ``head_dim + key_height + key_width`` channels
+(64 -> 192 in ViT-B's global layers; v is zero-padded because flash kernels need one width) instead of
+``head_dim``. Where attention is memory-bound (GPUs, where the dense bias and N x N probabilities
+dominate) that is a good trade; on a CPU, where the kernels are compute-bound, the global layers are no
+faster (see ``benchmarks/attention_speed.py``), the windowed ones somewhat faster.
+
 :func:`install_fast_attention` switches the attention modules of a model to that path in place, by
 changing their class to a subclass that only overrides ``forward``: parameters, buffers, state_dict
 keys, peft adapters and bitsandbytes layers are untouched, so checkpoints load either way.
@@ -177,11 +183,9 @@ class _FusedRelPosForward:
         table_h = self.get_rel_pos(height, height, self.rel_pos_h)
         table_w = self.get_rel_pos(width, width, self.rel_pos_w)
         grid = query.reshape(batch_size, heads, height, width, head_dim)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w)
-        return rel_h.reshape(batch_size, heads, height * width, height), rel_w.reshape(
-            batch_size, heads, height * width, width
-        )
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).flatten(2, 3)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).flatten(2, 3)
+        return rel_h, rel_w
 
     @torch.no_grad()
     def _attention_probs(

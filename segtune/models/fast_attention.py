@@ -205,7 +205,11 @@ class FusedSamVisionAttention(_FusedRelPosForward, SamVisionAttention):
 
 
 class FusedSamVisionSdpaAttention(_FusedRelPosForward, SamVisionSdpaAttention):
-    """``SamVisionSdpaAttention`` with the relative-position bias folded into SDPA (no dense mask)."""
+    """``SamVisionSdpaAttention`` with the relative-position bias folded into SDPA (no dense mask).
+
+    Unlike HF's SDPA class, applies ``attention_dropout`` in training, as the eager class does (SAM
+    checkpoints set it to 0.0). Attention weights stay None, as in HF's SDPA class.
+    """
 
     returns_attention_weights = False
 
@@ -215,7 +219,11 @@ class FusedSamHQVisionAttention(_FusedRelPosForward, SamHQVisionAttention):
 
 
 class FusedSamHQVisionSdpaAttention(_FusedRelPosForward, SamHQVisionSdpaAttention):
-    """``SamHQVisionSdpaAttention`` with the relative-position bias folded into SDPA (no dense mask)."""
+    """``SamHQVisionSdpaAttention`` with the relative-position bias folded into SDPA (no dense mask).
+
+    Unlike HF's SDPA class, applies ``attention_dropout`` in training, as the eager class does (SAM
+    checkpoints set it to 0.0). Attention weights stay None, as in HF's SDPA class.
+    """
 
     returns_attention_weights = False
 

@@ -259,3 +259,29 @@ def test_edgetam_lora_trains_a_step() -> None:
     out.pred_masks.float().mean().backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
+
+
+@pytest.mark.parametrize("method", ["FullFinetune", "LoRA", "QLoRA"])
+def test_fast_attention_switch_changes_the_kernel_not_the_output(method: str) -> None:
+    import segtune.methods as methods
+    from segtune.models.fast_attention import FusedSamVisionSdpaAttention
+
+    kwargs = {"compute_dtype": "float32"} if method == "QLoRA" else {}
+    on, off = (
+        getattr(methods, method)("sam-tiny", **kwargs),
+        getattr(methods, method)("sam-tiny", fast_attention=False, **kwargs),
+    )
+    on.configure_model()
+    off.configure_model()
+    fused = [m for m in on.model.modules() if isinstance(m, FusedSamVisionSdpaAttention)]
+    assert len(fused) == 2 and not any(isinstance(m, FusedSamVisionSdpaAttention) for m in off.model.modules())
+    for name, param in off.model.named_parameters():  # HF initialises the rel-pos tables to 0: make them count
+        if "rel_pos" in name:
+            with torch.no_grad():
+                param.normal_(0, 0.5)
+                dict(on.model.named_parameters())[name].copy_(param)
+    inputs = _inputs(on.preprocessing)
+    with torch.no_grad():
+        a = on.model.eval()(**inputs, multimask_output=False).pred_masks
+        b = off.model.eval()(**inputs, multimask_output=False).pred_masks
+    assert _close(a, b, 1e-4)

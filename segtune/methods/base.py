@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from segtune.data.batch import Batch
 from segtune.loss import SamLoss
 from segtune.metrics import segmentation_metrics
+from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
 from segtune.postprocess import ImagePrediction, predictions, score_batch
@@ -45,6 +46,10 @@ class SegmentationModule(LightningModule):
         dice_weight: weight of the Dice term (SAM: 1).
         iou_weight: weight of the IoU-head MSE (SAM: 1).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        fast_attention: compute the image encoder's attention with its relative-position bias folded
+            into one unmasked SDPA call, instead of HF's dense ``(heads, N, N)`` bias (SAM, SAM-HQ,
+            MedSAM, SlimSAM; other families have no such bias and are unchanged). Same results
+            within float tolerance; see :mod:`segtune.models.fast_attention`.
         gradient_clip_val: clip the gradient norm to this when the Trainer sets no
             ``gradient_clip_val`` of its own (None: no clipping).
         nonfinite_loss: on a NaN or infinite training loss, ``"stop"`` training with a message
@@ -71,6 +76,7 @@ class SegmentationModule(LightningModule):
         dice_weight: float = 1.0,
         iou_weight: float = 1.0,
         gradient_checkpointing: bool = False,
+        fast_attention: bool = True,
         gradient_clip_val: float | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
@@ -101,6 +107,10 @@ class SegmentationModule(LightningModule):
         model, self.preprocessing, targets = self.load()
         if self.hparams.gradient_checkpointing:
             enable_checkpointing(model)
+        if self.hparams.fast_attention:
+            fused = install_fast_attention(model)
+            if fused:
+                log.info("fast attention: %d image-encoder attention layers use the folded rel-pos SDPA", fused)
         self.model = self.adapt(model, targets)
         self.sanitise = Sanitiser(self.model)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -1,4 +1,4 @@
-"""Set-up and checks: `nox -s tests`, `nox -s lint`, `nox -s quickstart`.
+"""Set-up and checks: `nox -s tests`, `nox -s lint`, `nox -s quickstart`, `nox -s lowest`.
 
 CPU sessions install with constraints-cpu.txt so pip takes the CPU build of torch instead of the
 CUDA one; set SEGTUNE_NO_CPU_PIN=1 on a GPU machine to keep the default torch.
@@ -27,6 +27,47 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (CPU only; real-data tests skip when ../shared/data is absent)."""
     _install(session, "test")
     session.run("pytest", *session.posargs)
+
+
+# What `nox -s lowest` runs: the tests that reach every pinned dependency (CLI, every method and model,
+# metrics, data formats, augmentations, the compare plot) without the real-data and DDP ones.
+LOWEST_TESTS = [
+    "tests/test_packaging.py",
+    "tests/test_metrics.py",
+    "tests/test_data.py",
+    "tests/test_augmentations.py",
+    "tests/test_formats.py",
+    "tests/test_cli.py",
+    "tests/test_methods.py",
+    "tests/test_compare.py",
+]
+
+
+def _floors(*skip: str) -> list[str]:
+    """Each dependency of pyproject.toml pinned to its floor (``name>=X`` becomes ``name==X``)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pins = []
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(line)
+        if req.name in skip:
+            continue
+        floor = next(s.version for s in req.specifier if s.operator == ">=")
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        pins.append(f"{req.name}{extras}=={floor}")
+    return pins
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The declared floors work: every dependency at its floor (torch from constraints-cpu.txt), then the tests.
+
+    Not a default session: it downloads the old releases into its own environment.
+    """
+    constraints = [] if os.environ.get("SEGTUNE_NO_CPU_PIN") else ["-c", str(ROOT / "constraints-cpu.txt")]
+    session.install(*constraints, "-e", ".[test]", *_floors("torch"))
+    session.run("pytest", "-q", *(session.posargs or LOWEST_TESTS), env={"NO_ALBUMENTATIONS_UPDATE": "1"})
 
 
 @nox.session

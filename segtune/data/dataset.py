@@ -82,20 +82,41 @@ class InstanceDataset(Dataset):
         masks, classes = record.instances(size)
         rng = self._rng(record)
         if self.augment is not None and masks:
-            # albumentations keeps its own generator: seed it from ours so runs (and resumes) repeat
-            self.augment.set_random_seed(int(rng.integers(2**31)))
-            out = self.augment(image=image, masks=masks)
-            kept = [i for i, m in enumerate(out["masks"]) if np.asarray(m).any()]
-            if kept:  # an augmentation that crops every instance away keeps the original
-                image = out["image"]
-                masks = [np.asarray(out["masks"][i]).astype(bool) for i in kept]
-                classes = [classes[i] for i in kept]
+            image, masks, classes = self._augment(image, masks, classes, rng)
         keep = [i for i, m in enumerate(masks) if m.any()]
         if self.train and len(keep) > self.prompts.max_instances:
             keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
         masks = [masks[i] for i in keep]
         classes = [classes[i] for i in keep]
         return self.make_sample(image, masks, classes, record, rng)
+
+    def _augment(
+        self, image: np.ndarray, masks: list[np.ndarray], classes: list[int], rng: np.random.Generator
+    ) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+        """Apply the training transforms to the image and its masks together.
+
+        Instances a transform moves or crops out of the image are dropped with their class; the
+        prompts are made afterwards from the masks that remain (:meth:`make_sample`). Masks come back
+        as ``[h, w]`` bool at the augmented image's size, which a crop or resize may change.
+        """
+        assert self.augment is not None
+        # albumentations keeps its own generator: seed it from ours so runs (and resumes) repeat
+        self.augment.set_random_seed(int(rng.integers(2**31)))
+        # One (N, H, W) uint8 array, as albumentations 2 takes masks: OpenCV's warps and remaps
+        # (Rotate, Affine, ElasticTransform, GridDistortion) have no bool kernel and fail with
+        # cv2.error (-215). A bool array views as 0/1 uint8 without a copy.
+        out = self.augment(image=image, masks=(np.stack(masks) != 0).view(np.uint8))
+        augmented = np.asarray(out["masks"]) > 0
+        new_image = out["image"]
+        if augmented.shape[1:] != new_image.shape[:2]:
+            raise ValueError(
+                f"augmentations gave a {new_image.shape[1]}x{new_image.shape[0]} image but "
+                f"{augmented.shape[2]}x{augmented.shape[1]} masks: use transforms that handle masks"
+            )
+        kept = np.flatnonzero(augmented.reshape(len(augmented), -1).any(axis=1))
+        if not len(kept):  # every instance moved out: a sample without a prompt teaches nothing, keep the original
+            return image, masks, classes
+        return new_image, [augmented[i] for i in kept], [classes[i] for i in kept]
 
     def make_sample(
         self,

@@ -305,7 +305,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         max_batch = max(c.batch for c in cases)
-        data = write_shapes_coco(tmp / "data", {"train": max_batch * (args.steps + 1)}, (args.size, args.size), seed=0)
+        data = write_shapes_coco(
+            tmp / "data", {"train": max_batch * (args.steps + 1), "valid": 1}, (args.size, args.size), seed=0
+        )
         for case in cases:
             folder = tmp / case.vit
             if not folder.exists():

@@ -128,7 +128,9 @@ def time_plain(case: Case, folder: Path, batches: list[dict], steps: int, device
         start = time.perf_counter()
         with counter:
             with autocast:
-                out = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False)
+                out = model(
+                    pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False
+                )
                 loss = plain_loss(out.pred_masks, batch["low_res_masks"], batch["prompt_valid"])
             loss.backward()
             optimizer.step()
@@ -176,7 +178,9 @@ def segtune_module(case: Case, folder: Path, fast: bool):
     return QLoRA(**common, target_modules=LORA_TARGETS, gradient_checkpointing=False)
 
 
-def time_segtune(case: Case, folder: Path, data: Path, steps: int, device: torch.device, bf16: bool, fast: bool) -> dict:
+def time_segtune(
+    case: Case, folder: Path, data: Path, steps: int, device: torch.device, bf16: bool, fast: bool
+) -> dict:
     module = segtune_module(case, folder, fast)
     pre = family_preprocessing(SamModel.config_class.from_pretrained(folder))
     datamodule = SegmentationDataModule(

@@ -18,7 +18,7 @@ from segtune.data.dataset import InstanceDataset
 from segtune.data.records import ImageRecord
 from tests.conftest import CONFIGS
 
-PRE = Preprocessing(64, "longest", "unit", 16)
+PRE = Preprocessing(64, "longest", 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 HEIGHT, WIDTH = 64, 96
 # instance 0 (class 1) on the left, instance 1 (class 0) on the right: rows, columns (end exclusive)
 LEFT = (slice(10, 30), slice(5, 25))

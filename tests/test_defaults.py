@@ -65,3 +65,15 @@ def test_a_config_changes_and_removes_default_callbacks(run_cli, shapes_root: Pa
     run_cli("predict", *common, "--ckpt_path", checkpoint)
     predictions = cwd / "runs" / "quickstart" / "version_1" / "predictions"
     assert len(list((predictions / "masks").glob("*.png"))) == 4 and not (predictions / "overlays").exists()
+
+
+def test_a_first_fit_warns_about_nothing_of_ours(run_cli, shapes_root: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1")  # fmt: skip
+    messages = [f"{w.category.__name__}: {w.message}" for w in caught]
+    ours = [m for m in messages if "segtune" in m or "Unable to serialize" in m or "is_gradient_checkpointing" in m]
+    assert not ours, ours

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
+from segtune.data.image_cache import ImageCache
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
@@ -31,6 +32,8 @@ class InstanceDataset(Dataset):
         augment: albumentations transforms applied to image and masks together (train only).
         seed: seeds the deterministic evaluation prompts.
         intensity: how 16-bit, float and grayscale images become the model's 3-channel input.
+        cache_images: keep decoded images (after the intensity policy) in memory up to this many
+            MiB, so later epochs do not decode them again (0: off). See :mod:`segtune.data.image_cache`.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class InstanceDataset(Dataset):
         augment: A.Compose | None = None,
         seed: int = 0,
         intensity: IntensityPolicy | None = None,
+        cache_images: int = 0,
     ) -> None:
         self.records = list(records)
         self.intensity = intensity or IntensityPolicy()
@@ -50,6 +54,8 @@ class InstanceDataset(Dataset):
         self.train = train
         self.augment = augment if train else None
         self.seed = seed
+        where = str(self.records[0].path.parent) if self.records else "dataset"
+        self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -61,7 +67,7 @@ class InstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        image = to_model_range(read_image(record.path), self.intensity, record.path)
+        image = self._image(index, record)
         size = image.shape[:2]
         if record.height is not None and size != (record.height, record.width):
             raise ValueError(
@@ -86,6 +92,15 @@ class InstanceDataset(Dataset):
         masks = [masks[i] for i in keep]
         classes = [classes[i] for i in keep]
         return self.make_sample(image, masks, classes, record, rng)
+
+    def _image(self, index: int, record: ImageRecord) -> np.ndarray:
+        def decode() -> np.ndarray:
+            return to_model_range(read_image(record.path), self.intensity, record.path)
+
+        if self.image_cache is None:
+            return decode()
+        # augmentations may write into the image: they get a copy, never the cached array
+        return self.image_cache.get(index, decode, copy=self.augment is not None)
 
     def make_sample(
         self,

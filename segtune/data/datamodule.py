@@ -70,6 +70,9 @@ class SegmentationDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         pin_memory: page-locked host memory for faster copies to a GPU.
         persistent_workers: keep workers alive between epochs (needs ``num_workers > 0``).
+        cache_images: keep decoded images in memory up to this many MiB per dataset and process, so
+            later epochs skip decoding (0: off); with ``num_workers > 0`` each worker keeps its own
+            cache, which lasts across epochs only with ``persistent_workers: true``.
         prompts: how instances become prompts.
         augmentations: albumentations transforms for training, applied to image and masks together.
         preprocessing: the model's input geometry and normalisation; the CLI links it from the model.
@@ -97,6 +100,7 @@ class SegmentationDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        cache_images: int = 0,
         prompts: PromptConfig = DEFAULT_PROMPTS,
         augmentations: list[A.BasicTransform] | None = None,
         preprocessing: Preprocessing | None = None,
@@ -121,6 +125,10 @@ class SegmentationDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.cache_images = cache_images
+        if cache_images and num_workers > 0 and not persistent_workers:
+            log.warning("data.init_args.cache_images: workers restart every epoch and lose their cache; "
+                        "set data.init_args.persistent_workers: true")  # fmt: skip
         self.prompts = prompts
         self.augmentations = augmentations
         self.preprocessing = preprocessing
@@ -232,8 +240,9 @@ class SegmentationDataModule(LightningDataModule):
         train = stage == "fit"
         augment = A.Compose(self.augmentations) if train and self.augmentations else None
         return InstanceDataset(
-            records, self.preprocessing, self.prompts, train, augment, self.seed, self.intensity, found.category_ids
-        )
+            records, self.preprocessing, self.prompts, train, augment, self.seed, self.intensity, found.category_ids,
+            cache_images=self.cache_images,
+        )  # fmt: skip
 
     def setup(self, stage: str) -> None:
         """Read the splits that ``stage`` needs."""

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
+from segtune.data.image_cache import ImageCache
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
@@ -33,6 +34,8 @@ class InstanceDataset(Dataset):
         intensity: how 16-bit, float and grayscale images become the model's 3-channel input.
         category_ids: the dataset's own id of each class index (COCO category ids), for prediction
             files; ``index + 1`` when not given.
+        cache_images: keep decoded images (after the intensity policy) in memory up to this many
+            MiB, so later epochs do not decode them again (0: off). See :mod:`segtune.data.image_cache`.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class InstanceDataset(Dataset):
         seed: int = 0,
         intensity: IntensityPolicy | None = None,
         category_ids: Sequence[int] | None = None,
+        cache_images: int = 0,
     ) -> None:
         self.records = list(records)
         self.intensity = intensity or IntensityPolicy()
@@ -60,6 +64,8 @@ class InstanceDataset(Dataset):
         if self.category_ids is not None and 0 <= class_index < len(self.category_ids):
             return self.category_ids[class_index]
         return class_index + 1
+        where = str(self.records[0].path.parent) if self.records else "dataset"
+        self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -71,7 +77,7 @@ class InstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        image = to_model_range(read_image(record.path), self.intensity, record.path)
+        image = self._image(index, record)
         size = image.shape[:2]
         if record.height is not None and size != (record.height, record.width):
             raise ValueError(
@@ -117,6 +123,15 @@ class InstanceDataset(Dataset):
         if not len(kept):  # every instance moved out: a sample without a prompt teaches nothing, keep the original
             return image, masks, classes
         return new_image, [augmented[i] for i in kept], [classes[i] for i in kept]
+
+    def _image(self, index: int, record: ImageRecord) -> np.ndarray:
+        def decode() -> np.ndarray:
+            return to_model_range(read_image(record.path), self.intensity, record.path)
+
+        if self.image_cache is None:
+            return decode()
+        # augmentations may write into the image: they get a copy, never the cached array
+        return self.image_cache.get(index, decode, copy=self.augment is not None)
 
     def make_sample(
         self,

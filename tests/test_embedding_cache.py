@@ -1,0 +1,311 @@
+"""Embedding cache: same losses as without it, each image encoded once, keys that change with every input,
+atomic disk files, and a one-line refusal next to augmentations."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from segtune.data.intensity import IntensityPolicy
+from segtune.models.embedding_cache import (
+    EmbeddingCache,
+    cache_key,
+    embedding_inputs,
+    encode_images,
+    weights_fingerprint,
+)
+from segtune.models.loading import load_model
+from segtune.preprocessing import Preprocessing
+from tests.conftest import CONFIGS, ROOT
+
+QUICKSTART = CONFIGS / "quickstart.yaml"
+ENCODERS = {"SamVisionEncoder", "SamHQVisionEncoder", "Sam2VisionModel", "Sam3VisionModel"}
+FROZEN_ENCODER = ["--model.class_path", "segtune.methods.FullFinetune",
+                  "--model.init_args.train_parts", "[prompt_encoder, mask_decoder]"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny models on a shared 2-core machine: a second intra-op thread only waits for the first
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def count_encoded_images() -> Iterator[list[int]]:
+    """Images that went through any SAM-family image encoder inside the block (a global forward hook)."""
+    seen = [0]
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        if type(module).__name__ in ENCODERS:
+            seen[0] += len(args[0] if args else kwargs["pixel_values"])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _fit(run_cli, root: Path, name: str, *extra: str) -> Path:
+    run_cli(
+        "fit", "--config", QUICKSTART, "--data.class_path", "segtune.data.SegmentationDataModule",
+        "--data.init_args.root", root, "--data.init_args.batch_size", "8", *FROZEN_ENCODER,
+        "--trainer.max_epochs", "2", "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.name", name, *extra,
+    )  # fmt: skip
+    return Path("runs") / name / "version_0" / "metrics.csv"
+
+
+def _losses(metrics: Path) -> dict[tuple[str, str], float]:
+    with open(metrics) as f:
+        return {(r["step"], k): float(r[k]) for r in csv.DictReader(f) for k in ("train_loss", "val_loss") if r[k]}
+
+
+# --- through the CLI ---------------------------------------------------------------------------------
+def test_cached_fit_has_the_same_losses_and_encodes_each_image_once(run_cli, shapes_root: Path) -> None:
+    # 8 train + 4 validation images, 2 epochs: 24 encoder passes without the cache, 12 with it (Sam2's
+    # path through the cache is checked, bit for bit, by test_cached_encoder_output_gives_the_same_...).
+    # The quickstart's box_jitter stays on: prompt jitter is allowed with the cache.
+    encoded, losses = {}, {}
+    for mode in ("off", "memory", "disk", "disk-again"):
+        with count_encoded_images() as seen:
+            metrics = _fit(run_cli, shapes_root, mode, "--model.init_args.embedding_cache", mode.removesuffix("-again"))
+        encoded[mode], losses[mode] = seen[0], _losses(metrics)
+    assert encoded == {"off": 24, "memory": 12, "disk": 12, "disk-again": 0}
+    assert len(losses["off"]) == 2 + 2  # 1 step and 1 validation per epoch
+    for mode in ("memory", "disk", "disk-again"):
+        assert losses[mode].keys() == losses["off"].keys()
+        for k, v in losses["off"].items():
+            assert losses[mode][k] == pytest.approx(v, abs=1e-6), (mode, k)
+    files = list(Path("runs/embedding_cache").iterdir())
+    assert len(files) == 12 and all(f.suffix == ".safetensors" for f in files)  # no temporary file left
+
+
+def test_disk_cache_recomputes_a_touched_image_and_everything_after_an_intensity_change(
+    run_cli, shapes_root: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    args = ("--model.init_args.embedding_cache", "disk", "--trainer.max_epochs", "1")
+    with count_encoded_images() as first:
+        _fit(run_cli, root, "first", *args)
+    image = next((root / "train").glob("*.jpg"))
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with count_encoded_images() as touched:
+        _fit(run_cli, root, "touched", *args)
+    with count_encoded_images() as minmax:
+        _fit(run_cli, root, "minmax", *args, "--data.init_args.intensity.mode", "minmax")
+    assert (first[0], touched[0], minmax[0]) == (12, 1, 12)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.init_args.augmentations", "[{class_path: albumentations.HorizontalFlip}]"],
+         "embedding_cache needs identical images every epoch: remove data.init_args.augmentations or set "
+         "model.init_args.embedding_cache: off"),
+        (["--model.init_args.train_parts", "[vision_encoder, mask_decoder]"],
+         "embedding_cache: memory needs a frozen image encoder: remove vision_encoder from "
+         "model.init_args.train_parts"),
+    ],
+    ids=["augmentation", "trained encoder"],
+)  # fmt: skip
+def test_cache_is_refused_in_one_line(
+    extra: list[str], message: str, run_cli, shapes_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, *FROZEN_ENCODER,
+                "--model.init_args.embedding_cache", "memory", "--trainer.fast_dev_run", "1", *extra)  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("segtune: error: ") and message in last
+
+
+def test_decoder_only_trains_from_the_cache_and_refuses_the_encoder() -> None:
+    from segtune.methods import DecoderOnly
+
+    module = DecoderOnly("sam-tiny")
+    module.configure_model()
+    assert module.embedding_cache_mode == "memory"
+    assert not any(p.requires_grad for p in module.model.vision_encoder.parameters())
+    assert all(p.requires_grad for p in module.model.mask_decoder.parameters())
+    assert not any(p.requires_grad for p in module.model.prompt_encoder.parameters())
+    with pytest.raises(ValueError, match="DecoderOnly keeps the image encoder frozen"):
+        DecoderOnly("sam-tiny", train_parts=["vision_encoder", "mask_decoder"]).configure_model()
+
+
+def test_module_keys_follow_the_encoder_weights_and_the_preprocessing(shapes_root: Path) -> None:
+    from dataclasses import replace
+
+    from segtune.methods import DecoderOnly
+
+    module = DecoderOnly("sam-tiny")
+    module.configure_model()
+    batch = {"image_paths": [str(next((shapes_root / "train").glob("*.jpg")))]}
+    base = module._cache_keys(batch)
+    assert module._cache_keys(batch) == base
+    module.preprocessing = replace(module.preprocessing, normalize="unit")
+    other_preprocessing = module._cache_keys(batch)
+    with torch.no_grad():
+        next(module.model.vision_encoder.parameters()).view(-1)[0] += 1e-3
+    module._fingerprint = None  # what setup does before each stage
+    other_weights = module._cache_keys(batch)
+    assert len({*base, *other_preprocessing, *other_weights}) == 3
+
+
+# --- the pieces --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sam-tiny", "samhq-tiny", "sam2-tiny", "sam3tracker-tiny"])
+def test_cached_encoder_output_gives_the_same_outputs_and_gradients(name: str) -> None:
+    model, pre, _ = load_model(name)
+    for part, child in model.named_children():
+        child.requires_grad_(part != "vision_encoder")
+    pixels = torch.randn(2, 3, pre.image_size, pre.image_size, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[20.0, 30.0, 150.0, 120.0]]] * 2)
+    direct = model(pixel_values=pixels, input_boxes=boxes, multimask_output=False)
+    with torch.no_grad():
+        encoded = encode_images(model, pixels)
+    cached = model(input_boxes=boxes, multimask_output=False, **embedding_inputs(model, encoded))
+    assert torch.equal(direct.pred_masks, cached.pred_masks) and torch.equal(direct.iou_scores, cached.iou_scores)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [
+        torch.autograd.grad(out.pred_masks.square().sum(), trainable, allow_unused=True) for out in (direct, cached)
+    ]
+    # Sam2's conv_s0/conv_s1 and no_memory_embedding train: the cache must not bake them in
+    assert sum(g is not None for g in grads[0]) == sum(g is not None for g in grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_fingerprint_follows_every_parameter_and_buffer() -> None:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = weights_fingerprint(encoder)
+    assert weights_fingerprint(encoder) == before
+    with torch.no_grad():
+        encoder[0].weight[0, 0, 0, 0] += 1e-6
+    after_weight = weights_fingerprint(encoder)
+    encoder[1].running_mean[0] += 1e-6
+    after_buffer = weights_fingerprint(encoder)
+    assert len({before, after_weight, after_buffer}) == 3
+
+
+def test_key_changes_with_preprocessing_intensity_and_the_file(tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x" * 100)
+    pre, intensity = repr(Preprocessing(1024)), repr(IntensityPolicy())
+
+    def key(**changed: str) -> str:
+        parts = {"fingerprint": "f", "preprocessing_repr": pre, "intensity_repr": intensity, "image_path": image}
+        return cache_key(**{**parts, **changed})
+
+    base = key()
+    assert key() == base  # stable
+    variants = {
+        "weights": key(fingerprint="g"),
+        "preprocessing": key(preprocessing_repr=repr(Preprocessing(1024, "square"))),
+        "intensity": key(intensity_repr=repr(IntensityPolicy("minmax"))),
+    }
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    variants["touched"] = key()
+    # another file of the same size moved over it, with the old modification time: a new inode
+    other = tmp_path / "b.jpg"
+    other.write_bytes(b"y" * 100)
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, image)
+    variants["replaced"] = key()
+    image.write_bytes(b"x" * 101)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    variants["resized"] = key()
+    assert len({base, *variants.values()}) == 1 + len(variants), variants
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+@pytest.mark.parametrize("levels", [1, 2], ids=["tensor", "list"])
+def test_cache_computes_only_the_missing_images(mode: str, levels: int, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def compute(pixels: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        calls.append(len(pixels))
+        out = [pixels.mean(1) * (i + 1) for i in range(levels)]
+        return out[0] if levels == 1 else out
+
+    pixels = torch.randn(3, 3, 8, 8)
+    cache = EmbeddingCache(mode, tmp_path / "cache")
+    first = cache.get_or_compute(["a", "b"], pixels[:2], compute)
+    mixed = cache.get_or_compute(["a", "c", "b"], pixels[[0, 2, 1]], compute)  # only "c" is new
+    assert calls == [2, 1] and (cache.hits, cache.misses) == (2, 3)
+    cache.get_or_compute(["once"], pixels[:1], compute, store=False)  # a single pass (test, predict)
+    assert len(cache) == 3
+    cache.get_or_compute(["once"], pixels[:1], compute, store=False)
+    assert calls[-2:] == [1, 1]  # not kept: computed again
+    expected = compute(pixels[[0, 2, 1]])
+    if levels == 1:
+        assert isinstance(first, torch.Tensor) and isinstance(mixed, torch.Tensor)
+        first, mixed, expected = [first], [mixed], [expected]
+    for a, b, e in zip(first, mixed, expected, strict=True):
+        assert torch.equal(b, e) and torch.equal(a, e[[0, 2]])
+    # a new instance (a later run, another process) reads the files: nothing to compute
+    if mode == "disk":
+        calls.clear()
+        again = EmbeddingCache("disk", tmp_path / "cache").get_or_compute(["c", "a"], pixels[[2, 0]], compute)
+        assert calls == [] and isinstance(again, torch.Tensor) == (levels == 1)
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{k}.safetensors" for k in "abc"]
+
+
+def test_disk_file_cut_short_is_computed_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = EmbeddingCache("disk", tmp_path)
+    pixels = torch.randn(1, 3, 4, 4)
+    cache.get_or_compute(["k"], pixels, lambda p: p * 2)
+    cache.path("k").write_bytes(cache.path("k").read_bytes()[:20])  # as a crash mid-copy would leave it
+    out = cache.get_or_compute(["k"], pixels, lambda p: p * 2)
+    assert torch.equal(out, pixels * 2) and "unreadable embedding cache file" in caplog.text
+    assert torch.equal(EmbeddingCache("disk", tmp_path).get_or_compute(["k"], pixels, lambda p: p * 0), pixels * 2)
+
+
+def test_disk_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a write that fails before the rename leaves neither a partial file under the key's name nor a temporary file
+    cache = EmbeddingCache("disk", tmp_path)
+
+    def fail(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        cache.get_or_compute(["k"], torch.randn(1, 3, 4, 4), lambda p: p)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_module_is_pure_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, segtune.models.embedding_cache; "
+        "print(sorted(m for m in sys.modules if m.startswith(('lightning', 'segtune.data'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, not whichever segtune is installed
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cached_rows_join_computed_rows_on_the_batch_device() -> None:
+    # "meta" stands in for an accelerator: cached rows live on the CPU, fresh rows where the batch is
+    cache = EmbeddingCache("memory")
+    cache.get_or_compute(["a"], torch.randn(1, 3, 4, 4), lambda p: p * 2)
+    out = cache.get_or_compute(["a", "b"], torch.randn(2, 3, 4, 4, device="meta"), lambda p: p * 2, store=False)
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 4)

@@ -55,7 +55,7 @@ def datamodule(root: Path, options: dict, budget: int, workers: int, batch_size:
         cache_images=budget,
         prompts=PromptConfig(kind="box+points", positive_points=1, negative_points=1),
         augmentations=[A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.5)],
-        preprocessing=Preprocessing(1024, "longest", "imagenet", 256),
+        preprocessing=Preprocessing(1024, "longest", 256),
         **options,
     )
     dm.setup("fit")

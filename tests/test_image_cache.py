@@ -14,7 +14,7 @@ import segtune.data.dataset
 from segtune.data import Preprocessing, SegmentationDataModule
 from segtune.data.image_cache import ImageCache
 
-PRE = Preprocessing(256, "longest", "imagenet", 64)
+PRE = Preprocessing(256, "longest", 64)
 IMAGE_BYTES = 240 * 320 * 3  # the synthetic shapes are 320 x 240 RGB
 
 

@@ -58,14 +58,14 @@ class InstanceDataset(Dataset):
         self.augment = augment if train else None
         self.seed = seed
         self.category_ids = list(category_ids) if category_ids is not None else None
+        where = str(self.records[0].path.parent) if self.records else "dataset"
+        self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
 
     def category_id(self, class_index: int) -> int:
         """The dataset's own id of class ``class_index`` (``index + 1`` when the data has none)."""
         if self.category_ids is not None and 0 <= class_index < len(self.category_ids):
             return self.category_ids[class_index]
         return class_index + 1
-        where = str(self.records[0].path.parent) if self.records else "dataset"
-        self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
 
     def __len__(self) -> int:
         return len(self.records)

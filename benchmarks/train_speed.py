@@ -190,7 +190,8 @@ def time_segtune(
     timer = StepTimer(epoch=1 if cached else 0)
     trainer = Trainer(
         accelerator=device.type, devices=1, precision="bf16-mixed" if bf16 else "32-true",
-        max_epochs=2 if cached else 1, limit_train_batches=steps + (0 if cached else 1), limit_val_batches=0,
+        # the cache: every image is seen (and cached) in epoch 0, epoch 1 is timed
+        max_epochs=2 if cached else 1, limit_train_batches=None if cached else steps + 1, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[timer],
     )  # fmt: skip

@@ -22,7 +22,7 @@ from segtune.models.fast_attention import (
     rel_pos_sdpa,
     uninstall_fast_attention,
 )
-from segtune.models.presets import _DECODER, _SAM_VISION, _sam2_tiny
+from segtune.models.tiny import _DECODER, _SAM_VISION, sam2_tiny
 
 IMAGE = 256  # 16 x 16 tokens: windowed layer 0 (window 4), global layer 1
 
@@ -273,7 +273,7 @@ def test_models_without_rel_pos_attention_are_untouched() -> None:
     from transformers import Sam2Model
 
     torch.manual_seed(0)
-    model = Sam2Model(_sam2_tiny()).eval()
+    model = Sam2Model(sam2_tiny()).eval()
     classes = [type(m) for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     pixels = torch.randn(1, 3, IMAGE, IMAGE)

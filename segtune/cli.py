@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -46,10 +47,13 @@ USER_ERRORS = (OSError, ValueError, FloatingPointError, pickle.UnpicklingError)
 class SegtuneCLI(LightningCLI):
     """LightningCLI with the model -> data preprocessing link and ``--ckpt_path last``."""
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         # A model that cannot be resolved is remembered here and reported in one line before any
         # work, instead of as a parser error; the hub is not asked twice (it retries ~30 s offline).
-        self._missing_models: dict[str, ModelNotFoundError] = getattr(self, "_missing_models", {})
+        self._missing_models: dict[str, ModelNotFoundError] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model", "data.init_args.preprocessing", compute_fn=self._preprocessing)
 
     def _preprocessing(self, model: str) -> dict | None:

@@ -130,11 +130,8 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
         model = AutoModelForMaskGeneration.from_pretrained(source, **from_pretrained)
     except (OSError, ValueError) as e:  # ValueError: a folder without a usable config.json
         raise ModelNotFoundError(_not_found_message(name, source, e)) from None
-    if preset is not None:
-        pre = apply_processor_config(preset.preprocessing, processor_config(source, cache_only=True), source)
-        return model, pre, preset.lora_targets
-    pre = apply_processor_config(family_preprocessing(model.config), processor_config(source), source)
-    return model, pre, lora_targets_of(model.config.model_type)
+    targets = preset.lora_targets if preset is not None else lora_targets_of(model.config.model_type)
+    return model, preprocessing_for(name), targets
 
 
 def processor_config(source: str, cache_only: bool = False) -> dict[str, Any] | None:

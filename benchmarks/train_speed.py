@@ -75,6 +75,7 @@ class Case:
     plain: bool = True  # also time the plain loop
     segtune_off: bool = False  # also time segtune with its speed-ups off
     result: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)  # side -> one line, when that side failed
 
 
 def sam_config(vit: str, size: int) -> SamConfig:
@@ -323,15 +324,22 @@ def main() -> None:
                 write_preprocessing(folder, family_preprocessing(config), "sam")
             pre = family_preprocessing(SamModel.config_class.from_pretrained(folder))
             print(f"-- {case.name} (batch {case.batch}, {args.size} px, {device.type})", flush=True)
-            if case.plain:
-                batches = make_batches(data, pre, case.batch, args.steps + 1)
-                case.result["plain"] = time_plain(case, folder, batches, args.steps, device, bf16)
-                print(f"   plain loop:          {case.result['plain']['seconds']:.3f} s/step", flush=True)
-            if case.segtune_off:
-                case.result["off"] = time_segtune(case, folder, data, args.steps, device, bf16, fast=False)
-                print(f"   segtune, speed-ups off: {case.result['off']['seconds']:.3f} s/step", flush=True)
-            case.result["on"] = time_segtune(case, folder, data, args.steps, device, bf16, fast=True)
-            print(f"   segtune:             {case.result['on']['seconds']:.3f} s/step", flush=True)
+            runs = [("plain", case.plain, None), ("off", case.segtune_off, False), ("on", True, True)]
+            for key, wanted, fast in runs:
+                if not wanted:
+                    continue
+                try:
+                    if key == "plain":
+                        batches = make_batches(data, pre, case.batch, args.steps + 1)
+                        case.result[key] = time_plain(case, folder, batches, args.steps, device, bf16)
+                    else:
+                        case.result[key] = time_segtune(case, folder, data, args.steps, device, bf16, fast=fast)
+                except Exception as error:  # noqa: BLE001 - one failed side (e.g. out of memory) must not lose the table
+                    case.errors[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    _free(device)
+                    print(f"   {key:<8} failed: {case.errors[key]}", flush=True)
+                    continue
+                print(f"   {key:<8} {case.result[key]['seconds']:.3f} s/step", flush=True)
 
     table = render(cases, device, ceiling)
     print("\n" + table)
@@ -342,7 +350,8 @@ def main() -> None:
         results.write_text(previous.rstrip() + "\n\n" + header + "\n\n" + table + "\n")
         print(f"written to {results}")
     if args.json:
-        args.json.write_text(json.dumps([{"name": c.name, "batch": c.batch, **c.result} for c in cases], indent=2))
+        rows = [{"name": c.name, "batch": c.batch, **c.result, "errors": c.errors} for c in cases]
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 def render(cases: list[Case], device: torch.device, ceiling: float | None) -> str:
@@ -360,23 +369,25 @@ def render(cases: list[Case], device: torch.device, ceiling: float | None) -> st
         if plain is None and c.cache:
             plain = frozen_plain  # the cache is compared with the plain frozen-encoder loop
         off = c.result.get("off", {}).get("seconds")
-        on = c.result["on"]["seconds"]
+        on = c.result.get("on", {}).get("seconds")
 
         def fmt(x: float | None, spec: str = ".3f") -> str:
             return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
-        row = [c.name, str(c.batch), fmt(plain), fmt(off), fmt(on), fmt(c.batch / on, ".2f"),
+        row = [c.name, str(c.batch), fmt(plain), fmt(off), fmt(on), fmt(c.batch / on if on else None, ".2f"),
                fmt(plain / off if plain and off else None, ".2f") + ("x" if plain and off else ""),
-               fmt(plain / on if plain else None, ".2f") + ("x" if plain else "")]  # fmt: skip
+               fmt(plain / on if plain and on else None, ".2f") + ("x" if plain and on else "")]  # fmt: skip
         if gpu:
             flops = c.result.get("plain", {}).get("flops")
             mfu_plain = flops / plain / 1e12 / ceiling if flops and plain and ceiling else None
-            mfu_on = flops / on / 1e12 / ceiling if flops and ceiling and not c.cache else None
-            row += [fmt(c.result.get("plain", {}).get("peak_gib"), ".1f"), fmt(c.result["on"].get("peak_gib"), ".1f"),
+            mfu_on = flops / on / 1e12 / ceiling if flops and on and ceiling and not c.cache else None
+            row += [fmt(c.result.get("plain", {}).get("peak_gib"), ".1f"),
+                    fmt(c.result.get("on", {}).get("peak_gib"), ".1f"),
                     fmt(100 * mfu_plain if mfu_plain else None, ".0f") + ("%" if mfu_plain else ""),
                     fmt(100 * mfu_on if mfu_on else None, ".0f") + ("%" if mfu_on else "")]  # fmt: skip
         rows.append("| " + " | ".join(row) + " |")
-    return "\n".join(rows)
+    failures = [f"- {c.name}, {side}: {line}" for c in cases for side, line in c.errors.items()]
+    return "\n".join(rows + (["", "Failed:", *failures] if failures else []))
 
 
 def environment(args: argparse.Namespace, device: torch.device, ceiling: float | None) -> str:

@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -141,7 +142,7 @@ def time_plain(case: Case, folder: Path, batches: list[dict], steps: int, device
             times.append(time.perf_counter() - start)
         if step == 1 and device.type == "cuda":
             flops = counter.get_total_flops()
-    result = {"seconds": _median(times), "peak_gib": _peak(device), "flops": flops}
+    result = {"seconds": _fastest(times), "median": _median(times), "peak_gib": _peak(device), "flops": flops}
     del model, optimizer
     _free(device)
     return result
@@ -200,7 +201,7 @@ def time_segtune(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule)
-    result = {"seconds": _median(timer.times), "peak_gib": _peak(device)}
+    result = {"seconds": _fastest(timer.times), "median": _median(timer.times), "peak_gib": _peak(device)}
     del trainer, module
     _free(device)
     return result
@@ -231,6 +232,16 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _fastest(values: list[float]) -> float:
+    """The fastest timed step: other processes can only slow a step down, never speed it up."""
+    return min(values) if values else math.nan
+
+
+def _load() -> float:
+    """The 1-minute load average: a busy machine makes the timings unreliable, so the table says it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
 
 
 def _median(values: list[float]) -> float:
@@ -308,6 +319,7 @@ def main() -> None:
         cases = [c for c in cases if any(s.strip().lower() in c.name.lower() for s in args.only.split(","))]
     ceiling = bf16_matmul_tflops(device)
 
+    loads: list[float] = [_load()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         max_batch = max(c.batch for c in cases)
@@ -339,11 +351,15 @@ def main() -> None:
                     _free(device)
                     print(f"   {key:<8} failed: {case.errors[key]}", flush=True)
                     continue
-                print(f"   {key:<8} {case.result[key]['seconds']:.3f} s/step", flush=True)
+                case.result[key]["load"] = _load()
+                loads.append(case.result[key]["load"])
+                r = case.result[key]
+                line = f"{r['seconds']:.3f} s/step (median {r['median']:.3f}, load {r['load']:.1f})"
+                print(f"   {key:<8} {line}", flush=True)
 
     table = render(cases, device, ceiling)
     print("\n" + table)
-    header = environment(args, device, ceiling)
+    header = environment(args, device, ceiling, max(loads))
     if args.write:
         results = ROOT / "benchmarks" / "RESULTS.md"
         previous = results.read_text() if results.exists() else "# Benchmark results\n"
@@ -390,7 +406,7 @@ def render(cases: list[Case], device: torch.device, ceiling: float | None) -> st
     return "\n".join(rows + (["", "Failed:", *failures] if failures else []))
 
 
-def environment(args: argparse.Namespace, device: torch.device, ceiling: float | None) -> str:
+def environment(args: argparse.Namespace, device: torch.device, ceiling: float | None, load: float) -> str:
     import lightning
     import peft
     import transformers
@@ -404,8 +420,11 @@ def environment(args: argparse.Namespace, device: torch.device, ceiling: float |
         f"Command: `python benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  ",
         f"Versions: torch {torch.__version__}, transformers {transformers.__version__}, "
         f"lightning {lightning.__version__}, peft {peft.__version__}, Python {platform.python_version()}  ",
-        "Random weights (no download); fp32 on CPU, bf16-mixed on CUDA; median of the timed steps after a "
-        "warm-up step; data loading excluded on both sides. Plain: the HF loop (Dice + BCE, AdamW). "
+        f"Highest 1-minute load average seen after a side: {load:.1f} on {os.cpu_count()} CPUs "
+        "(above the torch thread count, other processes competed and the timings are not reliable).  ",
+        "Random weights (no download); fp32 on CPU, bf16-mixed on CUDA; fastest of the timed steps after a "
+        "warm-up step (other processes only ever slow a step down); data loading excluded on both sides. "
+        "Plain: the HF loop (Dice + BCE, AdamW). "
         "segtune off: `fast_attention: false`, no cache. The cache row times the second epoch and is "
         "compared with the plain frozen-encoder loop.",
     ]

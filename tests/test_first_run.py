@@ -41,7 +41,7 @@ def test_default_precision_is_bf16_mixed_only_on_a_bf16_gpu(monkeypatch: pytest.
     assert default_precision("auto") == ("32-true", "no CUDA GPU with bf16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake A100")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert default_precision("auto") == ("32-true", "no CUDA GPU with bf16")  # emulated bf16 is not enough
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert default_precision("auto") == ("bf16-mixed", "Fake A100 supports bf16")

@@ -102,7 +102,7 @@ def test_names_that_pair_only_partly_are_counted_with_examples(
     with caplog.at_level(logging.WARNING):
         pairs = pair_images_and_masks(tmp_path / "images", tmp_path / "masks")
     assert sum(m is not None for _, m in pairs) == 3
-    assert "1 of 4 images pair with no mask" in caplog.text
+    assert "1 of 4 images pair with no mask in" in caplog.text and "1 mask files have no image" in caplog.text
     assert "case3.png" in caplog.text and "case3-ground-truth.png" in caplog.text and "pair_key" in caplog.text
 
 

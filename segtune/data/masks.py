@@ -161,7 +161,7 @@ def _suggest(images: list[Path], masks: list[Path]) -> str:
         except ValueError:  # two masks would share a key
             continue
         if paired >= max(1, len(images) // 2):
-            return f" ('{candidate}' pairs {paired} of {len(images)})"
+            return f" (e.g. '{candidate}' pairs {paired} of {len(images)})"
     return ""
 
 
@@ -196,9 +196,9 @@ def pair_images_and_masks(
         )
     if unpaired_images and unpaired_masks:
         log.warning(
-            "%s: %d of %d images pair with no mask in %s (e.g. image %s, unpaired mask %s) and give no prompt. "
-            "If their names should pair, set %s",
-            images_dir, len(unpaired_images), len(images), masks_dir, unpaired_images[0].name,
+            "%s: %d of %d images pair with no mask in %s and %d mask files have no image (e.g. image %s, mask %s); "
+            "those images give no prompt and those masks are ignored. If their names should pair, set %s",
+            images_dir, len(unpaired_images), len(images), masks_dir, len(unpaired_masks), unpaired_images[0].name,
             unpaired_masks[0].name, option,
         )  # fmt: skip
     elif unpaired_masks:

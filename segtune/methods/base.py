@@ -194,7 +194,8 @@ class SegmentationModule(LightningModule):
         empty = getattr(self, f"{stage}_empty")
         counts = {k: int(v) for k, v in empty.compute().items()}
         empty.reset()
-        if self._collapse_warned or self.trainer.sanity_checking or counts["targets"] == 0 or counts["predicted"]:
+        collapsed = counts["targets"] > 0 and counts["predicted"] == 0
+        if not collapsed or self._collapse_warned or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         self._collapse_warned = True
         name = {"val": "validation", "test": "test"}[stage]

@@ -25,7 +25,8 @@ def test_fit_on_a_labelme_folder_through_layout_auto(run_cli, tmp_path: Path, ca
         cwd = run_cli(
             "fit", "--config", QUICKSTART, "--data.class_path", "segtune.data.SegmentationDataModule",
             "--data.init_args.root", data, "--trainer.accelerator", "auto", "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.num_sanity_val_steps", "0",
         )  # fmt: skip
     assert "layout labelme (found LabelMe jsons beside the images (split by file))" in caplog.text
     saved = yaml.safe_load((cwd / "runs" / "quickstart" / "version_0" / "config.yaml").read_text())
@@ -73,17 +74,20 @@ def test_a_model_that_predicts_only_background_is_warned_about_once(
 ) -> None:
     forward = SegmentationModule.forward
 
-    def background_only(self, batch):
+    def steered(self, batch):
+        # every logit far below 0 (empty masks) in the sanity check and from epoch 1, far above 0 in epoch 0
         out = forward(self, batch)
-        out.pred_masks = out.pred_masks * 0 - 1e4  # every logit far below 0, still on the graph
+        empty = self.trainer.sanity_checking or self.current_epoch >= 1
+        out.pred_masks = out.pred_masks * 0 + (-1e4 if empty else 1e4)  # still on the graph
         return out
 
-    monkeypatch.setattr(SegmentationModule, "forward", background_only)
+    monkeypatch.setattr(SegmentationModule, "forward", steered)
     with caplog.at_level(logging.WARNING, logger="segtune"):
-        run_cli("fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.max_epochs", "2",
-                "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "2")  # fmt: skip
+        run_cli("fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.max_epochs", "3",
+                "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1")  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records if "prediction is empty" in r.getMessage()]
+    # not for the sanity check, not for epoch 0 (full masks), once for epochs 1 and 2
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("epoch 0: every validation prediction is empty (0 of ")
+    assert warnings[0].startswith("epoch 1: every validation prediction is empty (0 of ")
     for advice in ("dice_weight", "RandomCrop", "prompts.max_instances"):
         assert advice in warnings[0]

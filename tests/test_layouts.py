@@ -254,11 +254,14 @@ def test_auto_recognises_each_layout_and_reads_it(case: str, tmp_path: Path, cap
 def test_a_folder_that_fits_no_layout_says_what_was_looked_for(tmp_path: Path) -> None:
     (tmp_path / "scans").mkdir()
     Image.fromarray(_image(0)).save(tmp_path / "scans" / "x.png")
+    Image.fromarray(_image(1)).save(tmp_path / "y.png")  # images alone: nothing says where their masks are
     (tmp_path / "notes.json").write_text("{}")
     with pytest.raises(ValueError) as error:
         detect_layout(tmp_path, SPLITS)
     message = str(error.value)
-    assert "\n" not in message and "no dataset layout recognised (it holds scans/, notes.json)" in message
+    assert (
+        "\n" not in message and "no dataset layout recognised (it holds 1 image files, scans/, notes.json)" in message
+    )
     for looked_for in (f"train/{ANNOTATION_FILE}", "images/ and masks/", "annotations.json", "LabelMe"):
         assert looked_for in message
 

@@ -93,12 +93,12 @@ def detect_layout(
         _refuse_split_folder(root, splits, roboflow_split)
         return Layout("coco", f"{ANNOTATION_FILE} beside the images (one split, split by file)", ANNOTATION_FILE, ".")
     if exports := [p.name for p in subfolders if roboflow_split(p)]:
-        return Layout("roboflow", f"{ANNOTATION_FILE} in {', '.join(exports)}/")
+        return Layout("roboflow", f"{ANNOTATION_FILE} in {_folders(exports)}")
     if pair_folders(root):
         _refuse_split_folder(root, splits, pair_folders)
         return Layout("masks", f"{image_dir}/ and {mask_dir}/ (split by file)")
     if per_split := [p.name for p in subfolders if pair_folders(p)]:
-        return Layout("masks", f"{image_dir}/ and {mask_dir}/ in {', '.join(per_split)}/")
+        return Layout("masks", f"{image_dir}/ and {mask_dir}/ in {_folders(per_split)}")
     coco = _coco_layout(root, splits, image_dir, annotation_file)
     if coco is not None:
         return coco
@@ -106,15 +106,24 @@ def detect_layout(
         _refuse_split_folder(root, splits, _is_labelme_folder)
         return Layout("labelme", "LabelMe jsons beside the images (split by file)")
     if labelme := [p.name for p in subfolders if _is_labelme_folder(p)]:
-        return Layout("labelme", f"LabelMe jsons in {', '.join(labelme)}/")
+        return Layout("labelme", f"LabelMe jsons in {_folders(labelme)}")
     train = splits[0]
-    contents = ", ".join([f"{p.name}/" for p in subfolders[:6]] + [p.name for p in sorted(root.glob("*.json"))[:3]])
+    images = image_files(root)
+    contents = ", ".join(
+        ([f"{len(images)} image files"] if images else [])
+        + [f"{p.name}/" for p in subfolders[:6]]
+        + [p.name for p in sorted(root.glob("*.json"))[:3]]
+    )
     raise ValueError(
-        f"{root}: no dataset layout recognised (it holds {contents or 'no folder and no json'}); looked for "
+        f"{root}: no dataset layout recognised (it holds {contents or 'no image, folder or json'}); looked for "
         f"{train}/{ANNOTATION_FILE} (roboflow), {image_dir}/ and {mask_dir}/ here or in {train}/ (masks), "
         f"{train}.json or {annotation_file} or one COCO json with {image_dir}/ (coco), LabelMe .json files beside "
         "images here or in split folders (labelme); set data.init_args.layout and the folder names"
     )
+
+
+def _folders(names: list[str]) -> str:
+    return ", ".join(f"{n}/" for n in names)
 
 
 def _coco_layout(root: Path, splits: Sequence[str], image_dir: str, annotation_file: str) -> Layout | None:

@@ -17,7 +17,8 @@ SCORES = ("dice", "iou", "box_dice", "box_iou")
 
 
 class InstanceMean(Metric):
-    """Mean of one per-instance score, overall and for each class.
+    """Mean of one per-instance score, overall and for each class; NaN scores (instances excluded
+    by ``empty_target: exclude``) are left out.
 
     ``compute`` returns ``{"<name>": overall}`` plus ``{"<name>/<class>": score}`` for each class
     that had instances, so a ``MetricCollection`` prefix gives ``val_dice``, ``val_dice/<class>``.
@@ -47,10 +48,11 @@ class InstanceMean(Metric):
             classes: ``[N]`` class indices.
         """
         score = scores[self.name]
-        if score.numel() == 0:
+        counted = ~torch.isnan(score)
+        if not counted.any():
             return
-        score = score.to(self.score_sum.device, torch.float64)
-        classes = classes.clamp(min=0).to(self.score_sum.device)
+        score = score[counted].to(self.score_sum.device, torch.float64)
+        classes = classes[counted.to(classes.device)].clamp(min=0).to(self.score_sum.device)
         self.score_sum.index_add_(0, classes, score)
         self.count.index_add_(0, classes, torch.ones_like(score))
 
@@ -62,6 +64,28 @@ class InstanceMean(Metric):
                 if self.count[i] > 0:
                     out[f"{self.name}/{name}"] = (self.score_sum[i] / self.count[i]).float()
         return out
+
+
+class EmptyPredictions(Metric):
+    """Counts, over an evaluation epoch, the instances with a non-empty ground truth and how many of
+    them got a non-empty prediction (synced across processes), to notice a model that has collapsed
+    to predicting background everywhere."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("targets", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("predicted", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one image's ``[N, H, W]`` bool predicted masks and ground truth."""
+        has_target = target.flatten(1).any(1).to(self.targets.device)
+        self.targets += has_target.sum()
+        self.predicted += (preds.flatten(1).any(1).to(self.targets.device) & has_target).sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"targets": self.targets, "predicted": self.predicted}
 
 
 def segmentation_metrics(class_names: Sequence[str], prefix: str) -> MetricCollection:

@@ -31,9 +31,16 @@ class ImagePrediction:
     scores: torch.Tensor
 
 
+#: How an instance whose ground truth and prediction are both empty counts: ``"one"`` scores it 1.0
+#: (a correct "nothing here"), ``"exclude"`` leaves it out of every mean (scored NaN; nnU-Net's
+#: convention). A non-empty prediction on an empty ground truth scores 0 either way.
+EmptyTarget = Literal["one", "exclude"]
+
+
 @dataclass
 class InstanceScores:
-    """``[N]`` per-instance scores of one image, each computed once.
+    """``[N]`` per-instance scores of one image, each computed once. An instance excluded by
+    ``empty_target="exclude"`` scores NaN, which the metrics and reports leave out of their means.
 
     Args:
         dice: Dice of the predicted mask against the ground truth.
@@ -119,11 +126,13 @@ def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     )
 
 
-def overlap(preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "iou"]) -> torch.Tensor:
-    """Dice or IoU of each instance: ``[N, H, W]`` bool masks -> ``[N]`` scores (both empty: 1).
+def overlap(
+    preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "iou"], empty_target: EmptyTarget = "exclude"
+) -> torch.Tensor:
+    """Dice or IoU of each instance: ``[N, H, W]`` bool masks -> ``[N]`` scores.
 
     torchmetrics returns NaN (Dice) or -1 (IoU) when prediction and ground truth are both empty;
-    such an instance counts as correct, so no NaN can reach a log.
+    such an instance scores 1.0 (``empty_target="one"``) or NaN (``"exclude"``: left out of the means).
 
     Raises:
         TypeError: for float masks, which torchmetrics would silently miscount.
@@ -139,26 +148,35 @@ def overlap(preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "io
     else:
         score = mean_iou(p, t, num_classes=1, include_background=True, per_class=True, input_format="one-hot")
     both_empty = ~(preds.flatten(1).any(1) | target.flatten(1).any(1))
-    return torch.where(both_empty, 1.0, score[:, 0].float())
+    return torch.where(both_empty, 1.0 if empty_target == "one" else float("nan"), score[:, 0].float())
 
 
-def score_instances(preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor) -> InstanceScores:
+def score_instances(
+    preds: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor, empty_target: EmptyTarget = "exclude"
+) -> InstanceScores:
     """Score one image's instances once: Dice, IoU, and the Dice and IoU of the filled box prompts.
 
     Args:
         preds: ``[N, H, W]`` bool predicted masks at the original resolution.
         target: ``[N, H, W]`` bool ground truth.
         boxes: ``[N, 4]`` xyxy box of each instance in the original image (the floor's boxes).
+        empty_target: how an instance whose ground truth and prediction are both empty counts
+            (:data:`EmptyTarget`).
     """
     floor = filled_boxes(boxes, tuple(target.shape[-2:]))
     return InstanceScores(
-        dice=overlap(preds, target, "dice"),
-        iou=overlap(preds, target, "iou"),
-        box_dice=overlap(floor, target, "dice"),
-        box_iou=overlap(floor, target, "iou"),
+        dice=overlap(preds, target, "dice", empty_target),
+        iou=overlap(preds, target, "iou", empty_target),
+        box_dice=overlap(floor, target, "dice", empty_target),
+        box_iou=overlap(floor, target, "iou", empty_target),
     )
 
 
-def score_batch(preds: list[ImagePrediction], batch: dict[str, Any]) -> list[InstanceScores]:
+def score_batch(
+    preds: list[ImagePrediction], batch: dict[str, Any], empty_target: EmptyTarget = "exclude"
+) -> list[InstanceScores]:
     """:func:`score_instances` for every image of an evaluation batch (which has ground truth)."""
-    return [score_instances(p.masks, batch["masks"][i], batch["boxes"][i, : len(p.masks)]) for i, p in enumerate(preds)]
+    return [
+        score_instances(p.masks, batch["masks"][i], batch["boxes"][i, : len(p.masks)], empty_target)
+        for i, p in enumerate(preds)
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ def instance_rows(
 ) -> list[dict[str, Any]]:
     """One row per instance of one image: its class, Dice, IoU, box-floor Dice and predicted IoU.
 
-    The scores are the ones the test metrics accumulated (:func:`segtune.postprocess.score_instances`).
+    The scores are the ones the test metrics accumulated (:func:`segtune.postprocess.score_instances`);
+    an instance they exclude (NaN) has ``None`` scores, left out of the means.
     """
-    dice, iou, box = scores.dice.tolist(), scores.iou.tolist(), scores.box_dice.tolist()
+    dice, iou, box = (
+        [None if math.isnan(v) else v for v in t.tolist()] for t in (scores.dice, scores.iou, scores.box_dice)
+    )
     return [
         {
             "image_id": image_id,
@@ -44,8 +48,9 @@ def instance_rows(
     ]
 
 
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
-    return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(values)) if values else None
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -88,12 +93,14 @@ def summary_table(report: dict[str, Any], worst: int = 3) -> str:
     lines = [f"{'':<24} {'instances':>9} {'dice':>7} {'iou':>7} {'box dice':>9}"]
 
     def line(name: str, s: dict[str, Any]) -> str:
-        return f"{name[:24]:<24} {s['instances']:>9} {s['dice']:>7.4f} {s['iou']:>7.4f} {s['box_dice']:>9.4f}"
+        dice, iou, box = (f"{s[k]:.4f}" if s[k] is not None else "-" for k in ("dice", "iou", "box_dice"))
+        return f"{name[:24]:<24} {s['instances']:>9} {dice:>7} {iou:>7} {box:>9}"
 
     lines.append(line("all", report["overall"]))
     if len(report["per_class"]) > 1:
         lines += [line(name, s) for name, s in report["per_class"].items()]
-    for image in sorted(report["per_image"], key=lambda r: r["dice"])[:worst]:
+    scored = [r for r in report["per_image"] if r["dice"] is not None]
+    for image in sorted(scored, key=lambda r: r["dice"])[:worst]:
         lines.append(line(f"worst: {image['file_name']}", image))
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ def _masks(*pairs: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> tuple
     [
         ([(0, 0), (0, 1)], [(0, 0), (0, 1)], 1.0, 1.0),  # perfect
         ([(0, 0)], [(3, 3)], 0.0, 0.0),  # disjoint
-        ([], [], 1.0, 1.0),  # both empty counts as correct
+        ([], [], 1.0, 1.0),  # both empty counts as correct with empty_target="one"
         ([(1, 1)], [], 0.0, 0.0),  # empty ground truth, false positive
         ([(0, 0), (0, 1)], [(0, 1), (0, 2)], 0.5, 1 / 3),  # half overlap
     ],
@@ -36,13 +36,16 @@ def _masks(*pairs: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> tuple
 )
 def test_single_instance_cases(pred, target, dice: float, iou: float) -> None:
     p, t = _masks((pred, target))
-    assert overlap(p, t, "dice").item() == pytest.approx(dice)
-    assert overlap(p, t, "iou").item() == pytest.approx(iou)
+    assert overlap(p, t, "dice", "one").item() == pytest.approx(dice)
+    assert overlap(p, t, "iou", "one").item() == pytest.approx(iou)
+    excluded = overlap(p, t, "dice", "exclude").item()  # the default: both empty -> NaN, left out of means
+    assert math.isnan(excluded) if (pred, target) == ([], []) else excluded == pytest.approx(dice)
 
 
-def _scores(preds: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def _scores(preds: torch.Tensor, target: torch.Tensor, empty_target: str = "one") -> dict[str, torch.Tensor]:
     # boxes covering the whole 4x4 image: the box floor is the Dice of a full mask
-    return score_instances(preds, target, torch.tensor([[0.0, 0.0, 4.0, 4.0]] * len(preds))).as_dict()
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]] * len(preds))
+    return score_instances(preds, target, boxes, empty_target).as_dict()
 
 
 def test_mean_over_instances_and_per_class_names() -> None:
@@ -67,6 +70,27 @@ def test_no_nan_and_absent_classes_not_reported() -> None:
     metric.update(_scores(p, t), torch.tensor([0]))
     out = metric.compute()
     assert "dice/b" not in out and out["dice"].item() == 1.0
+
+
+def test_excluded_empty_pairs_leave_the_means_and_the_report() -> None:
+    from segtune.postprocess import InstanceScores
+    from segtune.reports import instance_rows, summarise
+
+    p, t = _masks(([(0, 0)], [(0, 0)]), ([(1, 1)], [(3, 3)]), ([], []))
+    classes = torch.tensor([0, 0, 1])
+    metrics = segmentation_metrics(["a", "b"], "test_")
+    metrics.update(_scores(p, t, "exclude"), classes)
+    out = metrics.compute()
+    assert out["test_dice"].item() == pytest.approx(0.5)  # (1 + 0) / 2: the empty pair is not a third 1.0
+    assert "test_dice/b" not in out and not any(math.isnan(v.item()) for v in out.values())
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 3)
+    scores = score_instances(p, t, boxes, "exclude")
+    assert isinstance(scores, InstanceScores)
+    rows = instance_rows(0, "x.png", scores, classes, torch.ones(3), ["a", "b"])
+    assert rows[2]["dice"] is None  # json null, not NaN
+    report = summarise(rows)
+    assert report["overall"]["dice"] == pytest.approx(out["test_dice"].item())  # the report's mean is the metric's
+    assert report["per_class"]["b"]["dice"] is None
 
 
 def test_float_masks_are_refused() -> None:

@@ -100,12 +100,10 @@ def test_segtune_command_runs(line: str, run_cli, checkpoint: Path, shapes_root:
 
 def test_own_data_config_snippet_runs(run_cli, shapes_root: Path, tmp_path: Path) -> None:
     snippet = re.search(r"```yaml\n(# configs/my_data.yaml\n.*?)```", README, flags=re.S).group(1)
-    assert "/path/to/my-roboflow-export" in snippet and "model: sam-vit-base" in snippet
+    assert "/path/to/my-dataset" in snippet and "model: sam-vit-base" in snippet
     config = tmp_path / "my_data.yaml"
     config.write_text(
-        snippet.replace("/path/to/my-roboflow-export", str(shapes_root)).replace(
-            "model: sam-vit-base", "model: sam-tiny"
-        )
+        snippet.replace("/path/to/my-dataset", str(shapes_root)).replace("model: sam-vit-base", "model: sam-tiny")
     )
     run_cli("fit", "--config", config, "--trainer.fast_dev_run", "true")
 

@@ -17,7 +17,9 @@ from segtune.data.boxes import boxes_records
 from segtune.data.coco import ANNOTATION_FILE, class_names_of, coco_records, load_coco, read_json
 from segtune.data.dataset import InstanceDataset
 from segtune.data.intensity import IntensityPolicy
-from segtune.data.masks import MaskFormat, index_values, pair_images_and_masks
+from segtune.data.labelme import LabelMeFile, labelme_class_names, labelme_files, labelme_records
+from segtune.data.layouts import Layout, detect_layout
+from segtune.data.masks import MaskFormat, compile_pair_key, index_values, pair_images_and_masks
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord, RecordSet
 from segtune.data.synthetic import write_shapes_coco
@@ -31,17 +33,22 @@ DEFAULT_INTENSITY = IntensityPolicy()
 
 
 class SegmentationDataModule(LightningDataModule):
-    """Instance segmentation data from a COCO export or image/mask folders; every instance is one prompt.
+    """Instance segmentation data from a COCO export, image/mask folders or LabelMe files; every
+    instance is one prompt.
 
     Layouts (``root`` is the dataset folder):
 
+    - ``"auto"``: whichever of the others ``root`` holds (:func:`segtune.data.layouts.detect_layout`),
+      logged; a folder that fits none stops with one line saying what was looked for.
     - ``"roboflow"``: one folder per split (``train/ valid/ test/``), each with the images and
       ``_annotations.coco.json``.
     - ``"coco"``: one image folder (``image_dir``) and a json per split named ``<split>.json``
       (``train.json``, ...); without those, the single ``annotation_file`` is split by image
       file with ``split_fractions``.
-    - ``"masks"``: ``images/`` and ``masks/`` with matching stems, inside one folder per split or
-      directly in ``root`` (then split by file with ``split_fractions``).
+    - ``"masks"``: ``images/`` and ``masks/`` whose files pair by name (``pair_key``), inside one
+      folder per split or directly in ``root`` (then split by file with ``split_fractions``).
+    - ``"labelme"``: images with a LabelMe ``.json`` beside each (polygons, rectangles, circles;
+      the shape labels are the classes), in one folder per split or directly in ``root``.
 
     Args:
         root: the dataset's folder.
@@ -58,6 +65,11 @@ class SegmentationDataModule(LightningDataModule):
             ``<split>.json``.
         image_dir: coco and masks layouts: the image folder's name.
         mask_dir: masks layout: the mask folder's name.
+        pair_key: masks layout: a regular expression whose first group, searched in an image's and
+            a mask's file stem, is the key they pair by (``'^(\\d+)_'`` pairs ``21_training.tif``
+            with ``21_manual1.gif``). None: the whole stem, case-insensitive, a mask's stem also
+            without a common ending (``_mask``, ``_seg``, ``_segmentation``, ``_label``, ``_gt``,
+            ``_annotation``).
         mask_format: masks layout: how mask files encode instances.
         split_fractions: train, validation and test fractions when one folder or json is split by
             file (a seeded shuffle of the sorted file names, so the split never changes).
@@ -82,7 +94,7 @@ class SegmentationDataModule(LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        layout: Literal["roboflow", "coco", "masks"] = "roboflow",
+        layout: Literal["auto", "roboflow", "coco", "masks", "labelme"] = "auto",
         train_split: str = "train",
         val_split: str = "valid",
         test_split: str = "test",
@@ -91,6 +103,7 @@ class SegmentationDataModule(LightningDataModule):
         annotation_file: str = "annotations.json",
         image_dir: str = "images",
         mask_dir: str = "masks",
+        pair_key: str | None = None,
         mask_format: MaskFormat = DEFAULT_MASKS,
         split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
         intensity: IntensityPolicy = DEFAULT_INTENSITY,
@@ -108,12 +121,15 @@ class SegmentationDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root)
-        self.layout = layout
+        self.layout_option = layout
+        self._layout: Layout | None = None
         self.splits = {"fit": train_split, "validate": val_split, "test": test_split, "predict": predict_split}
         self.categories = categories
         self.annotation_file = annotation_file
         self.image_dir = image_dir
         self.mask_dir = mask_dir
+        compile_pair_key(pair_key)  # a bad expression stops here, before any work
+        self.pair_key = pair_key
         self.mask_format = mask_format
         if len(split_fractions) != 3 or min(split_fractions) < 0 or not 0.99 <= sum(split_fractions) <= 1.01:
             raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
@@ -135,6 +151,24 @@ class SegmentationDataModule(LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, InstanceDataset] = {}
         self._class_names: list[str] | None = None
+        self._labelme: dict[Path, list[LabelMeFile]] = {}
+
+    # --- layout --------------------------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        """The layout read: ``layout`` as configured, or what ``auto`` recognised (logged once)."""
+        if self._layout is None:
+            if self.layout_option == "auto":
+                splits = list(dict.fromkeys(self.splits.values()))
+                found = detect_layout(self.root, splits, self.image_dir, self.mask_dir, self.annotation_file)
+                log.info("%s: layout %s (found %s); data.init_args.layout sets another", self.root, found.name,
+                         found.found)  # fmt: skip
+                self.annotation_file = found.annotation_file or self.annotation_file
+                self.image_dir = found.image_dir or self.image_dir
+            else:
+                found = Layout(self.layout_option, "configured")
+            self._layout = found
+        return self._layout.name
 
     # --- classes -----------------------------------------------------------------------------------
     @property
@@ -154,6 +188,12 @@ class SegmentationDataModule(LightningDataModule):
             values = index_values(paths)
             log.info("%s: index masks hold values %s; name them with data.categories", self.root, values)
             return [str(v) for v in range(1, max(values, default=1) + 1)]
+        if self.layout == "labelme":
+            stages = ("fit",) if self._split_by_file("fit") else ("fit", "validate", "test", "predict")
+            folders = dict.fromkeys(self._split_folder(s) for s in stages)
+            return labelme_class_names(
+                [f for folder in folders if folder.is_dir() for f in self._labelme_files(folder)]
+            )
         for stage in ("fit", "validate", "test", "predict"):
             json_path = self._coco_json(stage)
             if json_path.exists():
@@ -173,11 +213,22 @@ class SegmentationDataModule(LightningDataModule):
             return not (self.root / f"{self.splits[stage]}.json").exists()
         if self.layout == "masks":
             return not (self.root / self.splits[stage] / self.image_dir).is_dir()
+        if self.layout == "labelme":
+            return not any((self.root / self.splits[stage]).glob("*.json"))
         return False
 
+    def _split_folder(self, stage: str) -> Path:
+        return self.root if self._split_by_file(stage) else self.root / self.splits[stage]
+
     def _mask_pairs(self, stage: str) -> list[tuple[Path, Path | None]]:
-        folder = self.root if self._split_by_file(stage) else self.root / self.splits[stage]
-        return pair_images_and_masks(folder / self.image_dir, folder / self.mask_dir)
+        folder = self._split_folder(stage)
+        return pair_images_and_masks(folder / self.image_dir, folder / self.mask_dir, self.pair_key)
+
+    def _labelme_files(self, folder: Path) -> list[LabelMeFile]:
+        """The LabelMe jsons of a folder, read once (class names and records both need them)."""
+        if folder not in self._labelme:
+            self._labelme[folder] = labelme_files(folder)
+        return self._labelme[folder]
 
     def _records(self, stage: str) -> RecordSet:
         if self.layout == "masks":
@@ -186,6 +237,11 @@ class SegmentationDataModule(LightningDataModule):
                 for i, (image, mask) in enumerate(self._mask_pairs(stage))
             ]
             found = RecordSet(records, [i + 1 for i in range(len(self.class_names))])
+        elif self.layout == "labelme":
+            folder = self._split_folder(stage)
+            found = labelme_records(folder, self._labelme_files(folder), self.class_names)
+            if found.dropped:
+                log.info("%s: %d LabelMe shapes of unselected labels ignored", folder, found.dropped)
         else:
             json_path = self._coco_json(stage)
             image_dir = json_path.parent if self.layout == "roboflow" else self.root / self.image_dir

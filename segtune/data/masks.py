@@ -1,8 +1,9 @@
-"""Image/mask folders: pairing files by stem and turning mask files into instance masks."""
+"""Image/mask folders: pairing image and mask files by name and turning mask files into instance masks."""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,25 +86,124 @@ def index_values(mask_paths: list[Path]) -> list[int]:
     return sorted(values)
 
 
-def pair_images_and_masks(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path | None]]:
-    """Match ``images/`` and ``masks/`` files by stem (case-insensitive; extensions may differ).
+#: Mask-name endings that pair with the image of the stem before them without any option
+#: (``ISIC_0000000_segmentation.png``, ``000_HC_Annotation.png``, ``case1_mask.png``), any case.
+MASK_SUFFIXES = ("mask", "masks", "seg", "segmentation", "label", "labels", "gt", "annotation")
+_SUFFIX = re.compile(r"^(.+?)[_\-. ](?:" + "|".join(MASK_SUFFIXES) + r")$", re.IGNORECASE)
+#: Keys tried, when nothing pairs, to suggest a ``pair_key`` that would.
+_SUGGESTIONS = (r"^([^_]+)_", r"^(\d+)", r"^([^_\-. ]+)", r"^(.+)_[^_]+$")
 
-    Images without a mask are returned with ``None``; masks without an image are logged and ignored.
+
+def compile_pair_key(pair_key: str | None) -> re.Pattern | None:
+    """``data.init_args.pair_key`` compiled, or None for the default pairing.
+
+    Raises:
+        ValueError: the expression does not compile.
+    """
+    if pair_key is None:
+        return None
+    try:
+        return re.compile(pair_key)
+    except re.error as e:
+        raise ValueError(f"data.init_args.pair_key: {pair_key!r} is not a regular expression ({e})") from None
+
+
+def pairing_keys(stem: str, pair_key: re.Pattern | None, mask: bool) -> list[str]:
+    """The keys a file stem pairs by, best first (lower case).
+
+    With ``pair_key``: its first group (or the whole match when it has none) searched in the stem;
+    no key when it does not match. Without: the stem, and for a mask also the stem without a
+    common mask ending (``_mask``, ``_segmentation``, ...).
+    """
+    if pair_key is not None:
+        found = pair_key.search(stem)
+        if found is None:
+            return []
+        return [(found.group(1) if pair_key.groups else found.group(0)).lower()]
+    keys = [stem.lower()]
+    stripped = _SUFFIX.match(stem) if mask else None
+    if stripped:
+        keys.append(stripped.group(1).lower())
+    return keys
+
+
+def _match(images: list[Path], masks: list[Path], pair_key: re.Pattern | None) -> dict[Path, Path]:
+    """Image -> mask, each mask used once; an exact stem wins over a stripped mask ending."""
+    by_key: list[dict[str, Path]] = [{}, {}]
+    for path in masks:
+        for rank, key in enumerate(pairing_keys(path.stem, pair_key, mask=True)):
+            other = by_key[rank].get(key)
+            if other is not None and rank == 0:
+                raise ValueError(
+                    f"{path}: two mask files pair with the same image ({other.name}, {path.name}); "
+                    "set data.init_args.pair_key so that each mask's key is its own"
+                )
+            by_key[rank].setdefault(key, path)
+    pairs: dict[Path, Path] = {}
+    used: set[Path] = set()
+    for rank in (0, 1):
+        for image in images:
+            if image in pairs:
+                continue
+            keys = pairing_keys(image.stem, pair_key, mask=False)
+            mask = by_key[rank].get(keys[0]) if keys else None
+            if mask is not None and mask not in used:
+                pairs[image] = mask
+                used.add(mask)
+    return pairs
+
+
+def _suggest(images: list[Path], masks: list[Path]) -> str:
+    """A ``pair_key`` that pairs at least half of the images, as a hint; empty when none does."""
+    for candidate in _SUGGESTIONS:
+        try:
+            paired = len(_match(images, masks, re.compile(candidate)))
+        except ValueError:  # two masks would share a key
+            continue
+        if paired >= max(1, len(images) // 2):
+            return f" (e.g. '{candidate}' pairs {paired} of {len(images)})"
+    return ""
+
+
+def pair_images_and_masks(
+    images_dir: Path, masks_dir: Path, pair_key: str | None = None
+) -> list[tuple[Path, Path | None]]:
+    """Match the files of ``images/`` and ``masks/`` (extensions may differ).
+
+    By default a mask pairs with the image of the same stem, or of its stem without a common mask
+    ending (:data:`MASK_SUFFIXES`), case-insensitively; ``pair_key`` replaces that with a regular
+    expression whose first group, searched in both stems, is the key (``'^(\\d+)_'`` pairs
+    ``21_training.tif`` with ``21_manual1.gif``).
+
+    Images without a mask are returned with ``None``; when some do, the log says how many, with an
+    example from each side. Masks without an image are logged and ignored.
 
     Raises:
         FileNotFoundError: naming the folder when one is missing.
-        ValueError: naming the files when two masks share a stem.
+        ValueError: naming the files when two masks pair with one image, or when the folders hold
+            images and masks but no pair (with an example of each and the option to set).
     """
-    masks: dict[str, Path] = {}
-    for path in image_files(masks_dir):
-        key = path.stem.lower()
-        if key in masks:
-            raise ValueError(f"{path}: two mask files for the same image ({masks[key].name}, {path.name})")
-        masks[key] = path
-    pairs = [(image, masks.pop(image.stem.lower(), None)) for image in image_files(images_dir)]
-    if masks:
+    key = compile_pair_key(pair_key)
+    images, masks = image_files(images_dir), image_files(masks_dir)
+    pairs = _match(images, masks, key)
+    unpaired_masks = [m for m in masks if m not in set(pairs.values())]
+    unpaired_images = [i for i in images if i not in pairs]
+    option = "data.init_args.pair_key" + ("" if key else ": a regular expression whose first group is the shared part")
+    if images and masks and not pairs:
+        raise ValueError(
+            f"{images_dir}: no image pairs with a mask in {masks_dir} (e.g. image {images[0].name}, mask "
+            f"{masks[0].name}); set {option}{_suggest(images, masks)}"
+        )
+    if unpaired_images and unpaired_masks:
+        log.warning(
+            "%s: %d of %d images pair with no mask in %s and %d mask files have no image (e.g. image %s, mask %s); "
+            "those images give no prompt and those masks are ignored. If their names should pair, set %s",
+            images_dir, len(unpaired_images), len(images), masks_dir, len(unpaired_masks), unpaired_images[0].name,
+            unpaired_masks[0].name, option,
+        )  # fmt: skip
+    elif unpaired_masks:
         log.warning(
             "%s: %d mask files have no image in %s and are ignored (e.g. %s)",
-            masks_dir, len(masks), images_dir, next(iter(masks.values())).name,
+            masks_dir, len(unpaired_masks), images_dir, unpaired_masks[0].name,
         )  # fmt: skip
-    return pairs
+    return [(image, pairs.get(image)) for image in images]

@@ -1,6 +1,6 @@
 """One image and where its instances come from: COCO annotations, a mask file, or given boxes.
 
-Every layout (Roboflow COCO, plain COCO, image/mask folders, predict folders) is read into a list
+Every layout (Roboflow COCO, plain COCO, image/mask folders, LabelMe, predict folders) is read into a list
 of :class:`ImageRecord`; the dataset only ever sees records, so adding a layout never touches the
 sample-building code.
 """

@@ -20,11 +20,11 @@ from transformers import PreTrainedModel
 
 from segtune.data.batch import Batch
 from segtune.loss import SamLoss
-from segtune.metrics import segmentation_metrics
+from segtune.metrics import EmptyPredictions, segmentation_metrics
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
-from segtune.postprocess import ImagePrediction, predictions, score_batch
+from segtune.postprocess import EmptyTarget, ImagePrediction, predictions, score_batch
 from segtune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ class SegmentationModule(LightningModule):
         nonfinite_loss: on a NaN or infinite training loss, ``"stop"`` training with a message
             naming the step and the batch's files (the last checkpoint is kept as it was), or
             ``"skip"`` the batch with a warning.
+        empty_target: how an instance whose ground truth and prediction are both empty counts in
+            Dice and IoU: ``"exclude"`` leaves it out of the means (nnU-Net's convention: there was
+            nothing to segment, so it says nothing about the model), ``"one"`` counts it as 1.0.
+            A mask predicted on an empty ground truth scores 0 either way.
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -79,6 +83,7 @@ class SegmentationModule(LightningModule):
         fast_attention: bool = True,
         gradient_clip_val: float | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        empty_target: EmptyTarget = "exclude",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,6 +92,7 @@ class SegmentationModule(LightningModule):
         self.model: nn.Module | None = None
         self.preprocessing: Preprocessing | None = None
         self.class_names: list[str] = []
+        self._collapse_warned = False
         if self.trainable_only_checkpoint:
             self.strict_loading = False  # frozen weights are rebuilt, not loaded: checked in on_load_checkpoint
 
@@ -126,6 +132,8 @@ class SegmentationModule(LightningModule):
         self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
         self.val_metrics = segmentation_metrics(self.class_names, "val_")
         self.test_metrics = segmentation_metrics(self.class_names, "test_")
+        self.val_empty = EmptyPredictions()
+        self.test_empty = EmptyPredictions()
 
     # --- the step --------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> Any:
@@ -164,10 +172,11 @@ class SegmentationModule(LightningModule):
         n = len(batch["image_ids"])
         self.log(f"{stage}_loss", self._loss(out, batch)["loss"], batch_size=n, sync_dist=True)
         predicted = predictions(out, batch, self.preprocessing)
-        scores = score_batch(predicted, batch)
-        metrics = getattr(self, f"{stage}_metrics")
+        scores = score_batch(predicted, batch, self.hparams.empty_target)
+        metrics, empty = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_empty")
         for i, image_scores in enumerate(scores):
             metrics.update(image_scores.as_dict(), batch["category_ids"][i, : len(image_scores.dice)])
+            empty.update(predicted[i].masks, batch["masks"][i])
         # For callbacks (test report, validation pictures): the same scores, never recomputed.
         return {"predictions": predicted, "scores": scores}
 
@@ -178,6 +187,26 @@ class SegmentationModule(LightningModule):
         self.log_dict({k: v for k, v in values.items() if k in main}, prog_bar=True)
         self.log_dict({k: v for k, v in values.items() if k not in main})
         collection.reset()
+        self._check_collapse(stage)
+
+    def _check_collapse(self, stage: str) -> None:
+        """Warn once when every prediction of an evaluation epoch is empty while ground truth is not."""
+        empty = getattr(self, f"{stage}_empty")
+        counts = {k: int(v) for k, v in empty.compute().items()}
+        empty.reset()
+        collapsed = counts["targets"] > 0 and counts["predicted"] == 0
+        if not collapsed or self._collapse_warned or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        self._collapse_warned = True
+        name = {"val": "validation", "test": "test"}[stage]
+        log.warning(
+            "epoch %d: every %s prediction is empty (0 of %d instances with a ground-truth mask got one): the model "
+            "predicts background everywhere. Try a larger model.init_args.dice_weight against mask_weight (an "
+            "empty mask scores Dice 0), a larger input or crops so objects cover more of it (albumentations "
+            "RandomCrop, RandomResizedCrop), or fewer prompts per image (data.init_args.prompts.max_instances); "
+            "not repeated for later epochs",
+            self.current_epoch, name, counts["targets"],
+        )  # fmt: skip
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:
         return self._evaluate(batch, "val")

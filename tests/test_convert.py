@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -24,7 +27,7 @@ from transformers import AutoConfig, AutoModelForMaskGeneration
 import segtune  # noqa: F401  (registers MobileSAM with transformers)
 from segtune.cli import main
 from segtune.models.convert import FAMILY, SAM2_SIZES, build, convert, detect_family, rename, sam2_size
-from segtune.models.loading import load_model, preprocessing_for
+from segtune.models.loading import ModelNotFoundError, load_model, preprocessing_for
 from segtune.models.mobilesam import MobileSamModel
 from segtune.models.presets import PRESETS
 from tests.reference_stubs import reference_imports
@@ -32,10 +35,12 @@ from tests.reference_stubs import reference_imports
 with reference_imports():
     try:
         import segment_anything.modeling as sa
+        from segment_anything import sam_model_registry
     except ImportError:
         sa = None
     try:
         import mobile_sam.modeling as ms
+        from mobile_sam import sam_model_registry as mobile_sam_registry
     except ImportError:
         ms = None
     try:
@@ -204,8 +209,10 @@ def test_mobilesam_matches_mobilesam_code(tmp_path: Path) -> None:
         for layer in ref.image_encoder.layers:
             feats = layer(feats)
         embeddings = ref.image_encoder.neck(feats.view(1, 16, 16, -1).permute(0, 3, 1, 2))
-        theirs = (embeddings, *_reference_decode(ref, embeddings, boxes))
-        for name, ours, theirs in zip(("embeddings", "masks", "iou"), hf_outputs(model, x, boxes), theirs, strict=True):
+        reference = (embeddings, *_reference_decode(ref, embeddings, boxes))
+        for name, ours, theirs in zip(
+            ("embeddings", "masks", "iou"), hf_outputs(model, x, boxes), reference, strict=True
+        ):
             assert_close(name, ours, theirs)
 
 
@@ -242,35 +249,159 @@ def main_convert(*args) -> int:
 
 
 # --- full-size layouts, shapes only ---------------------------------------------------------------
+@contextmanager
+def on_meta() -> Iterator[None]:
+    """Build on the meta device (shapes, no memory). Hiera and TinyViT read their drop-path rates
+    with .item(), which meta tensors refuse: those few stay on the CPU."""
+    with torch.device("meta"), mock.patch("torch.linspace", partial(torch.linspace, device="cpu")):
+        yield
+
+
 @needs_sam
-@pytest.mark.parametrize("size", ["vit_b", "vit_l", "vit_h"])
-def test_full_size_sam_layouts_convert(size: str) -> None:
-    from segment_anything import build_sam  # noqa: F401  (imported above within the stand-ins)
-
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ("vit_b", (768, 12, 12, [2, 5, 8, 11])),
+        ("vit_l", (1024, 24, 16, [5, 11, 17, 23])),
+        ("vit_h", (1280, 32, 16, [7, 15, 23, 31])),
+    ],
+)  # fmt: skip
+def test_full_size_sam_layouts_convert(size: str, expected: tuple) -> None:
     with torch.device("meta"):
-        ref = _registry(sa_build(), size)()
-    state = ref.state_dict()
-    model = build(state, "sam", None, size)
+        ref = sam_model_registry[size]()
+    model = build(ref.state_dict(), "sam", None, size)  # raises on any unused, missing or misshapen tensor
     vision = model.config.vision_config
-    expected = {
-        "vit_b": (768, 12, 12, [2, 5, 8, 11]),
-        "vit_l": (1024, 24, 16, [5, 11, 17, 23]),
-        "vit_h": (1280, 32, 16, [7, 15, 23, 31]),
-    }
+    got = (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, list(vision.global_attn_indexes))
+    assert got == expected and vision.window_size == 14 and vision.image_size == 1024
+
+
+@needs_sam2
+@pytest.mark.parametrize("version", ["sam2", "sam2.1"])
+@pytest.mark.parametrize("size", SAM2_SIZES, ids=lambda s: s.name)
+def test_full_size_sam2_layouts_convert(size, version: str) -> None:
+    short = {"tiny": "t", "small": "s", "base-plus": "b+", "large": "l"}[size.name]
+    with on_meta():
+        ref = build_sam2(f"configs/{version}/{version}_hiera_{short}.yaml", None, device="meta", mode="eval")
+    state = ref.state_dict()
+    assert sam2_size(state) == (size, version.removeprefix("sam"))
+    model = build(state, "sam2", None, size.name)
+    # the attention layout the shapes do not show (heads, window per block) is the native model's
+    ours = [(b.attn.num_attention_heads, b.window_size) for b in model.vision_encoder.backbone.blocks]
+    assert ours == [(b.attn.num_heads, b.window_size) for b in ref.image_encoder.trunk.blocks]
+
+
+@needs_mobilesam
+def test_full_size_mobilesam_layout_converts() -> None:
+    """``mobile_sam.pt``'s layout: MobileSAM's own build_sam_vit_t (TinyViT-5M, 1024 px)."""
+    with on_meta():
+        ref = mobile_sam_registry["vit_t"]()
+    state = ref.state_dict()
+    assert detect_family(state) == "mobilesam"
+    model = build(state, "mobilesam", None, "mobile_sam.pt")
+    vision = model.config.vision_config
+    assert (list(vision.embed_dims), list(vision.depths), list(vision.num_heads), list(vision.window_sizes[1:])) == (
+        [64, 128, 160, 320], [2, 2, 6, 2], [1, 4, 5, 10], [7, 14, 7],
+    )  # fmt: skip
+    encoder = sum(p.numel() for p in model.vision_encoder.parameters())
+    assert 5.6e6 < encoder < 5.9e6  # TinyViT-5M without its ImageNet head
+
+
+# --- the user's path: convert, fit, export, reload ------------------------------------------------
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+@needs_mobilesam
+def test_converted_mobilesam_fits_exports_and_reloads(run_cli, shapes_root: Path, tmp_path: Path, capsys) -> None:
+    ref = native_mobilesam()
+    randomise(ref)
+    torch.save(ref.state_dict(), tmp_path / "mobile_sam.pt")
+    folder = tmp_path / "mobilesam-hf"
+    assert main_convert("--checkpoint", tmp_path / "mobile_sam.pt", "--image-size", "256", "--output", folder) == 0
+    assert "MobileSAM (TinyViT) -> MobileSamModel" in capsys.readouterr().out
+    assert AutoConfig.from_pretrained(folder).model_type == "mobilesam"
+    assert preprocessing_for(str(folder)).image_size == 256
+    cwd = run_cli(
+        "fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--model.init_args.model", folder,
+        "--model.init_args.target_modules", "null", "--model.init_args.modules_to_save", "[mask_decoder]",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+    )  # fmt: skip
+    best = next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--ckpt_path", str(best), "--output", str(tmp_path / "merged"), "--merge"])
+    assert done.value.code == 0
+    merged = AutoModelForMaskGeneration.from_pretrained(tmp_path / "merged").eval()
+    base, _, targets = load_model(str(folder))
+    assert isinstance(merged, MobileSamModel) and "fc1" in targets
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    # LoRA merged into TinyViT's attention/MLP linears, and the mask decoder trained in full
+    assert any(re.search(r"vision_encoder\.layers\.\d\.blocks\.\d\.(attn\.qkv|mlp\.fc1)\.weight", k) for k in changed)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+    assert all(k.startswith(("vision_encoder.layers.", "mask_decoder.")) for k in changed)
+
+
+# --- bad input: one line naming the file ------------------------------------------------------------
+def test_bad_checkpoints_are_one_line(tmp_path: Path, capsys) -> None:
+    assert main_convert("--checkpoint", tmp_path / "nope.pth", "--output", tmp_path / "out") == 1
+    assert capsys.readouterr().err.strip() == f"segtune convert: {tmp_path / 'nope.pth'}: checkpoint not found"
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    assert main_convert("--checkpoint", tmp_path / "text.pth", "--output", tmp_path / "out") == 1
+    assert "text.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err
+    torch.save({"backbone.conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    assert main_convert("--checkpoint", tmp_path / "other.pth", "--output", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "other.pth: its keys fit no known family (sam, sam2, mobilesam)" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@needs_sam
+def test_incomplete_or_foreign_checkpoints_are_refused(tmp_path: Path, capsys) -> None:
+    state = native_sam().state_dict()
+    torch.save(state, tmp_path / "sam.pth")
+    assert main_convert("--checkpoint", tmp_path / "sam.pth", "--family", "sam2", "--output", tmp_path / "o") == 1
+    assert "--family sam2 given, but its keys are those of a sam checkpoint" in capsys.readouterr().err
+    cut = {k: v for k, v in state.items() if not k.startswith("mask_decoder.iou_prediction_head.layers.1")}
+    torch.save(cut, tmp_path / "cut.pth")
+    assert main_convert("--checkpoint", tmp_path / "cut.pth", "--output", tmp_path / "o") == 1
     assert (
-        vision.hidden_size,
-        vision.num_hidden_layers,
-        vision.num_attention_heads,
-        list(vision.global_attn_indexes),
-    ) == expected[size]
-    assert vision.window_size == 14 and model.config.mask_decoder_config.num_attention_heads == 8
+        "cut.pth: 2 sam tensors missing (e.g. mask_decoder.iou_prediction_head.layers.0.bias" in capsys.readouterr().err
+    )
+    extra = {**state, "image_encoder.blocks.0.attn.extra": torch.zeros(3)}
+    torch.save(extra, tmp_path / "extra.pth")
+    assert main_convert("--checkpoint", tmp_path / "extra.pth", "--output", tmp_path / "o") == 1
+    assert "extra.pth: 1 tensors have no place in the model" in capsys.readouterr().err
+    bent = {**state, "mask_decoder.iou_token.weight": torch.zeros(1, 31)}
+    torch.save(bent, tmp_path / "bent.pth")
+    assert main_convert("--checkpoint", tmp_path / "bent.pth", "--output", tmp_path / "o") == 1
+    assert "bent.pth:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
-def sa_build():
-    with reference_imports():
-        import segment_anything.build_sam as module
-    return module
+# --- presets ----------------------------------------------------------------------------------------
+def test_folder_presets_say_how_to_convert(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"no converted folder at models/medsam2: download MedSAM2_latest\.pt"):
+        load_model("medsam2")
+    with pytest.raises(SystemExit):
+        main(["models"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "not converted (models/mobilesam" in rows["mobilesam"]
+    with pytest.raises(SystemExit):
+        main(["models", "--download", "mobilesam"])
+    assert (
+        "segtune convert --checkpoint mobile_sam.pt --preprocessing mobilesam --output models/mobilesam"
+        in capsys.readouterr().out
+    )
+    # once converted, the preset reads the folder: its own preprocessing and MobileSAM's LoRA targets
+    model = AutoModelForMaskGeneration.from_config(PRESETS["mobilesam-tiny"].config())
+    from segtune.models.adapters import save_pretrained
+
+    save_pretrained(model, PRESETS["mobilesam-tiny"].preprocessing, tmp_path / "models" / "mobilesam")
+    loaded, pre, targets = load_model("mobilesam")
+    assert isinstance(loaded, MobileSamModel) and pre.image_size == 256 and targets == PRESETS["mobilesam"].lora_targets
 
 
-def _registry(module, size):
-    return module.sam_model_registry[size]
+def test_medsam2_preset_carries_medsam2s_recipe() -> None:
+    pre = PRESETS["medsam2"].preprocessing
+    # bowang-lab/MedSAM2's inference: 512 x 512 resize, /255, ImageNet mean and std
+    assert (pre.image_size, pre.resize, pre.mask_size) == (512, "square", 128)
+    assert pre.image_mean == (0.485, 0.456, 0.406) and pre.image_std == (0.229, 0.224, 0.225)

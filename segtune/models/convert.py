@@ -180,7 +180,8 @@ _DECODER_HEADS = 8  # SAM's two-way transformer (not recorded in the weights: q/
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
-    return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
+    """1 + the largest index ``pattern``'s group matches (a gap then shows as missing tensors)."""
+    return 1 + max((int(m.group(1)) for k in state if (m := re.fullmatch(pattern, k))), default=-1)
 
 
 def _decoder_config(state: dict[str, torch.Tensor], d: str) -> dict:
@@ -446,8 +447,11 @@ def build(
     renamed, dropped, unknown = rename(state, spec)
     if unknown:
         raise ConversionError(f"{source}: {len(unknown)} tensors fit no {family} layer (e.g. {', '.join(unknown[:3])})")
-    with torch.device("meta"):
-        model = AutoModelForMaskGeneration.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForMaskGeneration.from_config(config)
+    except (ValueError, RuntimeError) as e:  # shapes that disagree with each other
+        raise ConversionError(f"{source}: its tensor shapes make no consistent {family} model ({e})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(renamed))
     if missing:

@@ -405,3 +405,19 @@ def test_medsam2_preset_carries_medsam2s_recipe() -> None:
     # bowang-lab/MedSAM2's inference: 512 x 512 resize, /255, ImageNet mean and std
     assert (pre.image_size, pre.resize, pre.mask_size) == (512, "square", 128)
     assert pre.image_mean == (0.485, 0.456, 0.406) and pre.image_std == (0.229, 0.224, 0.225)
+
+
+def write_native(name: str, folder: Path) -> list[str]:
+    """Write a small native checkpoint named like a published one (for the README's convert lines);
+    returns the extra arguments that size it. Skips when the reference package is missing."""
+    if name.startswith("mobile_sam"):
+        ref, extra = (native_mobilesam() if ms else None), ["--image-size", "256"]
+    elif name.lower().startswith(("sam2", "medsam2")):
+        ref, extra = (native_sam2(256) if build_sam2 else None), ["--image-size", "256"]
+    else:
+        ref, extra = (native_sam() if sa else None), []
+    if ref is None:
+        pytest.skip(f"the reference implementation that writes {name} is not installed")
+    state = randomise(ref)
+    torch.save({"model": state} if name.lower().startswith(("sam2", "medsam2")) else state, folder / name)
+    return extra

@@ -11,8 +11,8 @@ import and takes them out again, so that transformers never sees a torchvision o
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import importlib.machinery
+import importlib.util
 import sys
 import types
 from collections.abc import Iterator

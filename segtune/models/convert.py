@@ -382,7 +382,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConversionError(f"{path}: checkpoint not found")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: a ViT-H file is not read into memory twice
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (pre-1.6) format cannot be mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or pickled objects beyond tensors and plain values
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
@@ -535,6 +538,7 @@ def convert_command(argv: list[str]) -> int:
         prog="segtune convert",
         description="Convert a native SAM (.pth), SAM2/2.1 (.pt) or MobileSAM (mobile_sam.pt) checkpoint "
         "into a Hugging Face model folder that model.init_args.model can name.",
+        epilog="accepted: " + "; ".join(f"{f.name}: {f.accepts}" for f in FAMILY.values()),
     )
     parser.add_argument("--checkpoint", required=True, help="the native checkpoint file")
     parser.add_argument("--output", required=True, help="folder to write")

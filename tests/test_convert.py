@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForMaskGeneration
 import segtune  # noqa: F401  (registers MobileSAM with transformers)
 from segtune.cli import main
 from segtune.models.convert import FAMILY, SAM2_SIZES, build, convert, detect_family, rename, sam2_size
-from segtune.models.loading import ModelNotFoundError, load_model, preprocessing_for
+from segtune.models.loading import ModelNotFoundError, family_preprocessing, load_model, preprocessing_for
 from segtune.models.mobilesam import MobileSamModel
 from segtune.models.presets import PRESETS
 from tests.reference_stubs import reference_imports
@@ -62,15 +62,16 @@ def randomise(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random values in every tensor of ``module`` (positive BN variances); returns its state dict."""
     g = torch.Generator().manual_seed(seed)
     state = module.state_dict()
-    for key, value in state.items():
-        if not value.is_floating_point():
-            continue
-        noise = torch.randn(value.shape, generator=g)
-        value.copy_(
-            noise.abs() + 0.5
-            if key.endswith("running_var")
-            else noise * 0.1 + (1.0 if key.endswith(("norm1.weight", "norm2.weight")) else 0.0)
-        )
+    with torch.no_grad():
+        for key, value in state.items():
+            if not value.is_floating_point():
+                continue
+            if key.endswith("running_var"):
+                value.uniform_(0.5, 1.5, generator=g)
+            else:
+                value.normal_(0.0, 0.1, generator=g)
+                if re.search(r"norm\w*\.weight$", key):  # LayerNorm scales around 1, as trained ones
+                    value.add_(1.0)
     return state
 
 
@@ -217,29 +218,21 @@ def test_mobilesam_matches_mobilesam_code(tmp_path: Path) -> None:
 
 
 @needs_sam2
-def test_sam2_matches_sam2_at_medsam2_size(tmp_path: Path) -> None:
-    ref = native_sam2(512)
+def test_sam2_matches_sam2_with_medsam2s_recipe(tmp_path: Path) -> None:
+    ref = native_sam2(256)  # Hiera-tiny (MedSAM2's size) at 256 px: 16 x 16 embeddings, padded windows
     state = randomise(ref)
     torch.save({"model": state}, tmp_path / "MedSAM2_latest.pt")
-    assert (
-        main_convert(
-            "--checkpoint", tmp_path / "MedSAM2_latest.pt", "--preprocessing", "medsam2", "--output", tmp_path / "hf"
-        )
-        == 0
-    )
+    args = ["--checkpoint", tmp_path / "MedSAM2_latest.pt", "--preprocessing", "medsam2", "--image-size", "256"]
+    assert main_convert(*args, "--output", tmp_path / "hf") == 0
     model = AutoModelForMaskGeneration.from_pretrained(tmp_path / "hf").eval()
     assert_every_tensor_used(state, model, "sam2")
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    assert processor["size"] == {"height": 512, "width": 512} and processor["image_mean"] == [0.485, 0.456, 0.406]
-    x, boxes = torch.randn(1, 3, 512, 512), torch.tensor([[40.0, 60.0, 300.0, 400.0]])
+    assert processor["size"] == {"height": 256, "width": 256} and processor["image_mean"] == [0.485, 0.456, 0.406]
+    x, boxes = torch.randn(1, 3, 256, 256), torch.tensor([[40.0, 60.0, 200.0, 230.0]])
     with torch.no_grad():
-        for name, ours, theirs in zip(
-            ("embeddings", "masks", "iou"),
-            hf_outputs(model, x, boxes),
-            reference_sam2_outputs(ref, x, boxes),
-            strict=True,
-        ):
-            assert_close(name, ours, theirs)
+        ours, theirs = hf_outputs(model, x, boxes), reference_sam2_outputs(ref, x, boxes)
+        for name, a, b in zip(("embeddings", "masks", "iou"), ours, theirs, strict=True):
+            assert_close(name, a, b)
 
 
 def main_convert(*args) -> int:
@@ -323,7 +316,7 @@ def test_converted_mobilesam_fits_exports_and_reloads(run_cli, shapes_root: Path
     cwd = run_cli(
         "fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--model.init_args.model", folder,
         "--model.init_args.target_modules", "null", "--model.init_args.modules_to_save", "[mask_decoder]",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
     )  # fmt: skip
     best = next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
     with pytest.raises(SystemExit) as done:
@@ -405,6 +398,16 @@ def test_medsam2_preset_carries_medsam2s_recipe() -> None:
     # bowang-lab/MedSAM2's inference: 512 x 512 resize, /255, ImageNet mean and std
     assert (pre.image_size, pre.resize, pre.mask_size) == (512, "square", 128)
     assert pre.image_mean == (0.485, 0.456, 0.406) and pre.image_std == (0.229, 0.224, 0.225)
+
+
+@needs_sam2
+def test_medsam2_converts_at_512(tmp_path: Path) -> None:
+    with on_meta():
+        state = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="meta", mode="eval").state_dict()
+    model = build(state, "sam2", PRESETS["medsam2"].preprocessing.image_size, "MedSAM2_latest.pt")
+    vision = model.config.vision_config
+    assert vision.backbone_feature_sizes == [[128, 128], [64, 64], [32, 32]]
+    assert family_preprocessing(model.config) == PRESETS["medsam2"].preprocessing
 
 
 def write_native(name: str, folder: Path) -> list[str]:

@@ -26,7 +26,16 @@ def _install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """Run the test suite (CPU only; real-data tests skip when ../shared/data is absent)."""
     _install(session, "test")
+    _install_sam2_reference(session)
     session.run("pytest", *session.posargs)
+
+
+def _install_sam2_reference(session: nox.Session) -> None:
+    """Meta's sam2 (a reference for tests/test_convert.py): its metadata requires torchvision, which
+    has no build for the CPU torch here and which its model code does not need; --no-deps skips it,
+    and SAM2_BUILD_CUDA=0 skips its optional CUDA extension. The tests skip when it is missing."""
+    session.install("setuptools>=70")
+    session.install("--no-deps", "--no-build-isolation", "sam2>=1.1.0", env={"SAM2_BUILD_CUDA": "0"})
 
 
 # What `nox -s lowest` runs: the tests that reach every pinned dependency (CLI, every method and model,

@@ -1,5 +1,5 @@
 """``segtune``: one LightningCLI with fit / validate / test / predict, plus the ``models``,
-``export`` and ``compare`` commands.
+``export``, ``compare`` and ``convert`` commands.
 
 The config picks the method (``model.class_path``) and the data (``data.class_path``). What this
 module adds to plain LightningCLI: the base config :file:`segtune/defaults.yaml` (callbacks,
@@ -28,12 +28,14 @@ from segtune.data.datamodule import SegmentationDataModule
 from segtune.export import export_command
 from segtune.methods.base import SegmentationModule
 from segtune.models.command import models_command
+from segtune.models.convert import convert_command
 from segtune.models.loading import ModelNotFoundError, preprocessing_for
 from segtune.resume import resume_in_place
 
 DESCRIPTION = (
     "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME), "
-    "`segtune export --ckpt_path CKPT --output DIR [--merge]` and `segtune compare --config C [--dry-run]`."
+    "`segtune export --ckpt_path CKPT --output DIR [--merge]`, `segtune compare --config C [--dry-run]` and "
+    "`segtune convert --checkpoint FILE --output DIR` (native SAM/SAM2/MobileSAM weights to a model folder)."
 )
 #: The base config every Trainer subcommand starts from.
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
@@ -107,7 +109,12 @@ class SegtuneCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (``args`` replaces ``sys.argv[1:]``, for tests)."""
     argv = sys.argv[1:] if args is None else list(args)
-    commands = {"models": models_command, "export": export_command, "compare": compare_command}
+    commands = {
+        "models": models_command,
+        "export": export_command,
+        "compare": compare_command,
+        "convert": convert_command,
+    }
     if argv and argv[0] in commands:
         raise SystemExit(commands[argv[0]](argv[1:]))
     _show_segtune_logs()

@@ -18,6 +18,7 @@ TINY = {
     "SamHQModel": "samhq-tiny",
     "Sam2Model": "sam2-tiny",
     "Sam3TrackerModel": "sam3tracker-tiny",
+    "MobileSamModel": "mobilesam-tiny",
 }
 
 
@@ -26,6 +27,7 @@ def test_the_issue_configs_are_shipped() -> None:
     assert {
         "lora_cataract.yaml", "qlora_retinopathy.yaml", "full_cataract.yaml",
         "lora_sam2_cataract.yaml", "lora_medsam_kvasir.yaml",
+        "lora_mobilesam_cataract.yaml", "lora_medsam2_kvasir.yaml",
     } <= names  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from segtune.preprocessing import Preprocessing
 from tests.conftest import CONFIGS
 from tests.junk_data import collate_with_junk
 
-TINY = ["sam-tiny", "samhq-tiny", "sam2-tiny", "sam3tracker-tiny"]
+TINY = ["sam-tiny", "samhq-tiny", "sam2-tiny", "sam3tracker-tiny", "mobilesam-tiny"]
 METHODS = ["segtune.methods.FullFinetune", "segtune.methods.LoRA", "segtune.methods.QLoRA"]
 QUICKSTART = CONFIGS / "quickstart.yaml"
 

@@ -67,6 +67,15 @@ def test_segtune_command_runs(line: str, run_cli, checkpoint: Path, shapes_root:
             run_cli(*args, "--output", "cmp", *([] if "--dry-run" in args else ["--dry-run"]))
         assert exit_info.value.code == 0
         return
+    if args[0] == "convert":  # a small native checkpoint of that name, as the original code lays it out
+        from tests.test_convert import write_native
+
+        extra = write_native(args[args.index("--checkpoint") + 1], Path.cwd())
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(*args, *extra)
+        assert exit_info.value.code == 0
+        assert (Path(args[args.index("--output") + 1]) / "preprocessor_config.json").is_file()
+        return
     if args[0] in ("models", "export"):  # not Trainer runs: no data, their own exit codes
         import huggingface_hub.constants
 

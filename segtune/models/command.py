@@ -18,6 +18,10 @@ def _local_status(preset: ModelPreset) -> tuple[str, int | None]:
 
     if preset.config is not None:
         config, where = preset.config(), "built-in (random)"
+    elif preset.folder is not None:
+        if not (Path(preset.folder) / "config.json").is_file():
+            return f"not converted ({preset.folder}; --download {preset.name} says how)", None
+        config, where = AutoConfig.from_pretrained(preset.folder), f"converted ({preset.folder})"
     else:
         cached = try_to_load_from_cache(preset.hub_id, "config.json")
         if not isinstance(cached, str):
@@ -35,6 +39,9 @@ def models_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.download:
         preset = PRESETS.get(args.download)
+        if preset is not None and preset.folder is not None:
+            print(f"segtune models: {args.download} is published as a native checkpoint: {preset.convert_hint()}")
+            return 2
         if preset is None or preset.hub_id is None:
             known = ", ".join(n for n, p in PRESETS.items() if p.hub_id)
             print(

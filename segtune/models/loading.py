@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForMaskGeneration, PretrainedConfig, PreTrainedModel
 
-from segtune.models.presets import PRESETS, SAM3_ENCODER_TARGETS, SAM_ENCODER_TARGETS, ModelPreset
+from segtune.models.presets import (
+    MOBILESAM_TARGETS,
+    PRESETS,
+    SAM3_ENCODER_TARGETS,
+    SAM_ENCODER_TARGETS,
+    ModelPreset,
+)
 from segtune.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -87,7 +93,9 @@ def preprocessing_of(config: PretrainedConfig, processor: dict[str, Any] | None 
 
 
 def lora_targets_of(model_type: str) -> str:
-    """Default LoRA target regex for a model type: image-encoder attention."""
+    """Default LoRA target regex for a model type: image-encoder attention (and MLP for TinyViT)."""
+    if model_type == "mobilesam":
+        return MOBILESAM_TARGETS
     return SAM3_ENCODER_TARGETS if model_type.startswith("sam3") else SAM_ENCODER_TARGETS
 
 
@@ -125,13 +133,28 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
                 model.save_pretrained(folder)
                 model = AutoModelForMaskGeneration.from_pretrained(folder, **from_pretrained)
         return model, preset.preprocessing, preset.lora_targets
-    source = preset.hub_id if preset else name
+    source = _source(preset) if preset else name
     try:
         model = AutoModelForMaskGeneration.from_pretrained(source, **from_pretrained)
     except (OSError, ValueError) as e:  # ValueError: a folder without a usable config.json
         raise ModelNotFoundError(_not_found_message(name, source, e)) from None
     targets = preset.lora_targets if preset is not None else lora_targets_of(model.config.model_type)
     return model, preprocessing_for(name), targets
+
+
+def _source(preset: ModelPreset) -> str:
+    """Where a preset's weights load from: its hub id, or its converted folder.
+
+    Raises:
+        ModelNotFoundError: for a folder preset not converted yet, with the command that converts it.
+    """
+    if preset.folder is None:
+        return preset.hub_id
+    if not (Path(preset.folder) / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {preset.name!r}: no converted folder at {preset.folder}: {preset.convert_hint()}"
+        )
+    return preset.folder
 
 
 def processor_config(source: str, cache_only: bool = False) -> dict[str, Any] | None:
@@ -192,6 +215,9 @@ def _not_found_message(name: str, source: str, error: Exception) -> str:
 def preprocessing_for(name: str) -> Preprocessing:
     """A model's preprocessing from its preset or saved config, without loading weights."""
     preset = PRESETS.get(name)
+    if preset is not None and preset.folder is not None:
+        source = _source(preset)
+        return apply_processor_config(preset.preprocessing, processor_config(source), source)
     if preset is not None:
         if preset.hub_id is None:
             return preset.preprocessing

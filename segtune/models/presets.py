@@ -29,6 +29,8 @@ SAM3_ENCODER_TARGETS = r".*vision_encoder\..*\.(q_proj|k_proj|v_proj)"
 # EdgeTAM's image encoder is RepViT, a convnet from timm with no attention projections: LoRA goes on
 # the 1x1 convs of its FPN neck (peft adapts Conv2d); a regex can reach the backbone's convs too.
 EDGETAM_TARGETS = r".*vision_encoder\.neck\.convs\.\d+"
+# MobileSAM's TinyViT: attention (qkv, proj) and MLP (fc1, fc2) linears of its attention stages.
+MOBILESAM_TARGETS = r".*vision_encoder\.layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,14 @@ class ModelPreset:
     Args:
         name: what a config writes as ``model.init_args.model``.
         model_class: the transformers class name the checkpoint loads as.
-        hub_id: Hugging Face hub id, or None for presets built from ``config``.
+        hub_id: Hugging Face hub id, or None for presets built from ``config`` or read from ``folder``.
         preprocessing: input geometry and normalisation.
         lora_targets: regex (``re.fullmatch`` on module names) of the layers LoRA adapts.
         config: builds the config of a random model (no weights to download).
         initialise: adjusts a random model built from ``config`` after HF's initialisation.
+        folder: for checkpoints published only in a native format: the folder ``segtune convert``
+            writes (relative to the working directory) and loading reads.
+        native: for ``folder`` presets: which file to download, and from where.
     """
 
     name: str
@@ -52,6 +57,16 @@ class ModelPreset:
     lora_targets: str = SAM_ENCODER_TARGETS
     config: Callable[[], PretrainedConfig] | None = None
     initialise: Callable[[PreTrainedModel], None] | None = None
+    folder: str | None = None
+    native: str | None = None
+
+    def convert_hint(self) -> str:
+        """One line: the file to download and the ``segtune convert`` command that makes ``folder``."""
+        file = (self.native or "").split(" ")[0]
+        return (
+            f"download {self.native} and run `segtune convert --checkpoint {file} --preprocessing {self.name} "
+            f"--output {self.folder}`"
+        )
 
 
 _TINY_SAM = Preprocessing(256, "longest", 64)
@@ -62,6 +77,8 @@ _SAM = Preprocessing(1024, "longest", 256, IMAGENET_MEAN, IMAGENET_STD)
 _MEDSAM = Preprocessing(1024, "longest", 256, UNIT_MEAN, UNIT_STD)  # MedSAM's recipe: [0, 1], no mean/std
 _SAM2 = Preprocessing(1024, "square", 256, IMAGENET_MEAN, IMAGENET_STD)
 _SAM3 = Preprocessing(1008, "square", 288, STANDARD_MEAN, STANDARD_STD)
+# MedSAM2's own inference (bowang-lab/MedSAM2): a 512 x 512 resize, [0, 1] then ImageNet mean/std.
+_MEDSAM2 = Preprocessing(512, "square", 128, IMAGENET_MEAN, IMAGENET_STD)
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
@@ -77,6 +94,9 @@ PRESETS: dict[str, ModelPreset] = {
             SAM3_ENCODER_TARGETS,
             tiny.sam3tracker_tiny,
         ),  # fmt: skip
+        ModelPreset(
+            "mobilesam-tiny", "MobileSamModel", None, _TINY_SAM, MOBILESAM_TARGETS, tiny.mobilesam_tiny, _POSITIONS
+        ),
         ModelPreset("sam-vit-base", "SamModel", "facebook/sam-vit-base", _SAM),
         ModelPreset("sam-vit-large", "SamModel", "facebook/sam-vit-large", _SAM),
         ModelPreset("sam-vit-huge", "SamModel", "facebook/sam-vit-huge", _SAM),
@@ -92,5 +112,23 @@ PRESETS: dict[str, ModelPreset] = {
         ],
         ModelPreset("sam3tracker", "Sam3TrackerModel", "facebook/sam3", _SAM3, SAM3_ENCODER_TARGETS),
         ModelPreset("edgetam", "EdgeTamModel", "yonigozlan/EdgeTAM-hf", _SAM2, EDGETAM_TARGETS),
+        # Published only as native checkpoints: `segtune convert` writes the folder these read.
+        ModelPreset(
+            "mobilesam",
+            "MobileSamModel",
+            None,
+            _SAM,
+            MOBILESAM_TARGETS,
+            folder="models/mobilesam",
+            native="mobile_sam.pt from github.com/ChaoningZhang/MobileSAM (weights/mobile_sam.pt)",
+        ),
+        ModelPreset(
+            "medsam2",
+            "Sam2Model",
+            None,
+            _MEDSAM2,
+            folder="models/medsam2",
+            native="MedSAM2_latest.pt from huggingface.co/wanglab/MedSAM2",
+        ),
     ]
 }

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, Sam2Config, Sam3TrackerConfig, SamConfig, SamHQConfig
 
+from segtune.models.mobilesam import MobileSamConfig
+
 #: Scale of the tiny presets' random Fourier features for box and point positions.
 POSITION_SCALE = 0.5
 
@@ -50,6 +52,24 @@ def sam2_tiny() -> Sam2Config:
             backbone_channel_list=[128, 64, 32, 16],
             backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
             fpn_hidden_size=32,
+        ),  # fmt: skip
+        prompt_encoder_config=dict(hidden_size=32, image_size=256, patch_size=16),
+        mask_decoder_config=_DECODER,
+    )
+
+
+def mobilesam_tiny() -> MobileSamConfig:
+    # TinyViT with MobileSAM's stage layout (MBConv stage, then attention stages with padded windows;
+    # the last merging at stride 1), 16x16 embeddings for a 256 px input as the other tiny presets.
+    return MobileSamConfig(
+        vision_config=dict(
+            image_size=256,
+            embed_dims=[16, 32, 48, 64],
+            depths=[1, 1, 2, 1],
+            num_heads=[1, 2, 2, 2],
+            window_sizes=[7, 5, 6, 4],
+            output_channels=32,
+            num_pos_feats=16,
         ),  # fmt: skip
         prompt_encoder_config=dict(hidden_size=32, image_size=256, patch_size=16),
         mask_decoder_config=_DECODER,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from tests.conftest import ROOT, metrics_rows, segtune_script
 
@@ -38,3 +43,32 @@ def test_quickstart_beats_the_box_floor_and_tests(tmp_path: Path) -> None:
     logged = {k: float(v) for r in metrics_rows(tmp_path / "runs/quickstart/version_1") for k, v in r.items() if v}
     assert logged["test_dice"] > logged["test_box_dice"]
     assert 0.0 < logged["test_iou"] <= logged["test_dice"] <= 1.0
+
+    # "Use your model": predicting without prompts (automatic masks) finds the test split's shapes
+    amg = subprocess.run(
+        [segtune, "predict", "--config", config, "--ckpt_path", best.group(2),
+         "--data.init_args.predict_images", "data/shapes/test", *AMG_SETTINGS],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert amg.returncode == 0, amg.stderr[-3000:]
+    found, total = amg_recall(
+        tmp_path / "data/shapes/test/_annotations.coco.json", tmp_path / "runs/quickstart/version_2/predictions"
+    )
+    assert found >= 0.8 * total, f"automatic masks found {found} of {total} instances at IoU >= 0.5"
+
+
+#: The settings the README's automatic-mask recall was measured with.
+AMG_SETTINGS = ["--model.init_args.amg.points_per_side", "16"]
+
+
+def amg_recall(gt_json: Path, predictions: Path) -> tuple[int, int]:
+    """How many ground-truth instances have a predicted mask with IoU >= 0.5, and how many there are."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+    results = json.loads((predictions / "predictions.json").read_text())
+    found = 0
+    for image_id in gt.getImgIds():
+        predicted = [r["segmentation"] for r in results if r["image_id"] == image_id]
+        for ann in gt.loadAnns(gt.getAnnIds(imgIds=image_id)):
+            found += bool(predicted) and mask_utils.iou(predicted, [gt.annToRLE(ann)], [0]).max() >= 0.5
+    return found, len(gt.getAnnIds())

@@ -16,9 +16,11 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import PeftModel
 
@@ -129,7 +131,11 @@ def _run_folder(trainer: Trainer) -> Path:
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]
-    return Path(logger.log_dir if isinstance(logger, (CSVLogger, TensorBoardLogger)) else logger.save_dir or ".")
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        return Path(logger.log_dir)
+    if isinstance(logger, WandbLogger):  # where ModelCheckpoint puts its checkpoints: <save_dir>/<project>/<run id>
+        return Path(logger.save_dir or ".") / str(logger.name) / str(logger.version)
+    return Path(logger.save_dir or ".")
 
 
 def _original_image(trainer: Trainer, path: str) -> np.ndarray:
@@ -193,7 +199,8 @@ class TestReport(Callback):
 class PredictionWriter(BasePredictionWriter):
     """``segtune predict``: per image a mask PNG (instance ``i`` stored as ``i + 1``) and an overlay
     JPEG (contours, class names, predicted IoU); for all images one ``predictions.json`` in COCO
-    results format (RLE masks) that ``COCO.loadRes`` reads.
+    results format (RLE masks) that ``COCO.loadRes`` reads. Masks of automatic mask generation have
+    no class: no name in the overlay, ``category_id`` 0 in the json.
 
     Args:
         output_dir: where to write; relative paths are inside the run folder.
@@ -226,15 +233,16 @@ class PredictionWriter(BasePredictionWriter):
         names = pl_module.class_names
         for i, predicted in enumerate(prediction):
             masks, scores = predicted.masks.numpy(), predicted.scores.numpy()
-            classes = batch["category_ids"][i, : len(masks)].tolist()
+            given = predicted.classes if predicted.classes is not None else batch["category_ids"][i, : len(masks)]
+            classes = given.tolist()
             stem = Path(batch["file_names"][i]).stem
             cv2.imwrite(str(self.folder / "masks" / f"{stem}.png"), instance_index_mask(masks, scores))
             if self.overlays:
                 image = _original_image(trainer, batch["image_paths"][i])
-                labels = [
-                    f"{names[c] if 0 <= c < len(names) else c} {s:.2f}" for c, s in zip(classes, scores, strict=True)
-                ]
-                drawn = overlay(image, masks, labels, colours=classes)
+                named = [f"{names[c]} " if 0 <= c < len(names) else "" for c in classes]  # -1: no class
+                labels = [f"{name}{s:.2f}" for name, s in zip(named, scores, strict=True)]
+                classless = all(c < 0 for c in classes)  # automatic masks: a colour per mask
+                drawn = overlay(image, masks, labels, colours=None if classless else classes)
                 cv2.imwrite(str(self.folder / "overlays" / f"{stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             ids = [dataset.category_id(c) if hasattr(dataset, "category_id") else c + 1 for c in classes]
             self.results += coco_results(batch["image_ids"][i], masks, scores, ids)
@@ -250,7 +258,7 @@ class PredictionWriter(BasePredictionWriter):
 class ValidationImages(Callback):
     """Every ``every_n_epochs``, save a grid of validation images: image | ground truth | prediction.
 
-    Written as ``<run>/val_images/epoch_EEE.png`` and, when the logger is TensorBoard, as the
+    Written as ``<run>/val_images/epoch_EEE.png`` and, when the logger is TensorBoard or W&B, as the
     ``val_images`` image there.
 
     Args:
@@ -302,7 +310,25 @@ class ValidationImages(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val_images", picture, trainer.global_step, dataformats="HWC")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("val_images", [picture], step=trainer.global_step)
         self.rows = []
+
+
+class SaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in the run folder, and the resolved config in a W&B run's config.
+
+    Lightning logs only the LightningModule's arguments to a logger; a W&B run should also show the
+    data, trainer and callback settings it was made with, so the whole resolved config is logged
+    under ``config`` (as ``SaveConfigCallback.save_config``'s documentation suggests).
+    """
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in loggers:
+                logger.log_hyperparams({"config": config})
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

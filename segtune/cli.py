@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from segtune.callbacks import SaveConfig
 from segtune.compare import compare_command
 from segtune.data.datamodule import SegmentationDataModule
 from segtune.export import export_command
@@ -34,7 +35,7 @@ from segtune.resume import resume_in_place
 
 DESCRIPTION = (
     "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME), "
-    "`segtune export --ckpt_path CKPT --output DIR [--merge]`, `segtune compare --config C [--dry-run]` and "
+    "`segtune export --ckpt_path CKPT --output DIR [--merge | --onnx]`, `segtune compare --config C [--dry-run]` and "
     "`segtune convert --checkpoint FILE --output DIR` (native SAM/SAM2/MobileSAM weights to a model folder)."
 )
 #: The base config every Trainer subcommand starts from.
@@ -127,6 +128,7 @@ def main(args: list[str] | None = None) -> None:
             # segtune's methods configure their own optimiser and schedule (warm-up, cosine, only
             # trainable parameters): LightningCLI's --optimizer/--lr_scheduler would silently replace them.
             auto_configure_optimizers=False,
+            save_config_callback=SaveConfig,  # config.yaml, and the config in a W&B run
             save_config_kwargs={"overwrite": True},
             args=args,
             parser_kwargs={

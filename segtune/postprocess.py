@@ -25,10 +25,13 @@ class ImagePrediction:
     Args:
         masks: ``[N, H, W]`` bool masks at the image's original resolution.
         scores: ``[N]`` the model's predicted IoU of each mask.
+        classes: ``[N]`` class index of each mask when the batch's prompts do not give it
+            (automatic mask generation: -1, no class); ``None``: the prompts' classes.
     """
 
     masks: torch.Tensor
     scores: torch.Tensor
+    classes: torch.Tensor | None = None
 
 
 #: How an instance whose ground truth and prediction are both empty counts: ``"one"`` scores it 1.0

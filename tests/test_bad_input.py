@@ -84,8 +84,11 @@ def _unwritable_run_folder(root: Path) -> list[str]:
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"]  # fmt: skip
 
 
-def _predict_without_prompts(root: Path) -> list[str]:
-    return ["--data.init_args.predict_images", str(root / "test")]
+def _malformed_points(root: Path) -> list[str]:
+    first = _first_image(root, "test")
+    (root / "points.json").write_text(json.dumps({first.name: [[10, 20, 1], [30, 40]]}))
+    return ["--data.init_args.predict_images", str(root / "test"), "--data.init_args.predict_prompts",
+            str(root / "points.json")]  # fmt: skip
 
 
 CASES = {
@@ -100,7 +103,7 @@ CASES = {
     "model that does not exist": (_missing_model, 1, "model 'sam-vit-hueg' not found"),
     "hub id without network": (_hub_id_offline, 1, "HF_HUB_OFFLINE=1 reads only the cache"),
     "run folder cannot be written": (_unwritable_run_folder, 1, "the run folder cannot be written"),
-    "predict folder without prompts": (_predict_without_prompts, 1, "needs data.predict_prompts"),
+    "malformed point prompts": (_malformed_points, 1, "is not a list of [x, y, label] points"),
 }
 
 
@@ -115,7 +118,7 @@ def test_bad_input_ends_in_one_line(
     shutil.copytree(shapes_root, root)
     build, code, message = CASES[case]
     extra = build(root)
-    command = "predict" if case == "predict folder without prompts" else "fit"
+    command = "predict" if case == "malformed point prompts" else "fit"
     with pytest.raises(SystemExit) as exit_info:
         run_cli(command, "--config", QUICKSTART, "--data.class_path", "segtune.data.SegmentationDataModule",
                 "--data.init_args.root", root, "--trainer.fast_dev_run", "1", *extra)  # fmt: skip

@@ -19,8 +19,9 @@ from pycocotools.coco import COCO
 from tests.conftest import CONFIGS, last_metrics
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
-# compare.yaml is not a Trainer config: tests/test_compare.py parses it
-ALL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "compare.yaml")
+# compare.yaml is not a Trainer config: tests/test_compare.py parses it; wandb.yaml is a logger to add
+# to another config: tests/test_use.py runs it with the quickstart
+ALL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("compare.yaml", "wandb.yaml"))
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

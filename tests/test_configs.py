@@ -12,7 +12,7 @@ import yaml
 from segtune.models.presets import PRESETS
 from tests.conftest import CONFIGS, last_metrics
 
-SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("quickstart.yaml", "compare.yaml"))
+SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("quickstart.yaml", "compare.yaml", "wandb.yaml"))
 TINY = {
     "SamModel": "sam-tiny",
     "SamHQModel": "samhq-tiny",

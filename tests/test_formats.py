@@ -340,11 +340,17 @@ data:
     )  # fmt: skip
 
 
-def test_predict_images_without_prompts_is_a_one_line_error(tmp_path: Path) -> None:
+def test_predict_images_without_prompts_ask_for_automatic_masks(tmp_path: Path) -> None:
     _write_mask_folder(tmp_path, 2)
     dm = SegmentationDataModule(tmp_path, layout="masks", predict_images=tmp_path / "images", preprocessing=PRE)
-    with pytest.raises(ValueError, match="predict_images needs data.predict_prompts"):
-        dm.setup("predict")
+    assert dm.automatic_masks
+    dm.setup("predict")
+    assert len(dm.datasets["predict"].records) == 2  # every image, none with a prompt
+    assert not next(iter(dm.predict_dataloader()))["prompt_valid"].any()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        SegmentationDataModule(tmp_path, layout="masks", predict_images=empty, preprocessing=PRE).setup("predict")
 
 
 def test_jpeg_decodes_exactly_as_pillow_does(tmp_path: Path) -> None:

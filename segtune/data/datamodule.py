@@ -13,9 +13,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, SequentialSampler
 
 from segtune.data.batch import collate
-from segtune.data.boxes import boxes_records
+from segtune.data.boxes import boxes_records, is_points_json, points_records
 from segtune.data.coco import ANNOTATION_FILE, class_names_of, coco_records, load_coco, read_json
 from segtune.data.dataset import InstanceDataset
+from segtune.data.images import image_files
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.labelme import LabelMeFile, labelme_class_names, labelme_files, labelme_records
 from segtune.data.layouts import Layout, detect_layout
@@ -75,9 +76,12 @@ class SegmentationDataModule(LightningDataModule):
             file (a seeded shuffle of the sorted file names, so the split never changes).
         intensity: how 16-bit, float and grayscale images become 3-channel model input.
         predict_images: a folder of images for ``segtune predict`` (instead of ``predict_split``).
-        predict_prompts: prompts for ``predict_images``: a COCO json (boxes from its annotations)
-            or a boxes json ``{"<file name or stem>": [[x0, y0, x1, y1], ...]}`` (Kvasir's
-            ``{"<stem>": {"bbox": [{"xmin": ...}, ...]}}`` also reads).
+        predict_prompts: prompts for ``predict_images``: a COCO json (boxes from its annotations),
+            a boxes json ``{"<file name or stem>": [[x0, y0, x1, y1], ...]}`` (Kvasir's
+            ``{"<stem>": {"bbox": [{"xmin": ...}, ...]}}`` also reads) or a points json
+            ``{"<file name or stem>": [[x, y, label], ...]}`` (one object; label 1 positive, 0
+            negative; ``[[[x, y, label], ...], ...]`` for several objects). Without it, predict
+            finds every object by automatic mask generation (the method's ``amg`` settings).
         batch_size: images per batch (each image carries all its prompts).
         num_workers: DataLoader worker processes.
         pin_memory: page-locked host memory for faster copies to a GPU.
@@ -262,16 +266,27 @@ class SegmentationDataModule(LightningDataModule):
         start, stop = bounds.get(stage, (n_train + n_val, len(ordered)))
         return [ordered[i] for i in order[start:stop]]
 
+    @property
+    def automatic_masks(self) -> bool:
+        """Whether ``segtune predict`` runs automatic mask generation: images given without prompts."""
+        return self.predict_images is not None and self.predict_prompts is None
+
     def _predict_records(self) -> RecordSet:
         assert self.predict_images is not None
-        if self.predict_prompts is None:
-            raise ValueError(
-                f"{self.predict_images}: data.predict_images needs data.predict_prompts (a COCO or boxes json)"
-            )
-        data = read_json(self.predict_prompts)  # parsed once, whichever of the two formats it is
+        if self.predict_prompts is None:  # automatic mask generation: the images, no prompt
+            records = [
+                ImageRecord(i, path, boxes=np.zeros((0, 4), np.float32))
+                for i, path in enumerate(image_files(self.predict_images))
+            ]
+            if not records:
+                raise ValueError(f"{self.predict_images}: no image files for data.predict_images")
+            return RecordSet(records, [1])
+        data = read_json(self.predict_prompts)  # parsed once, whichever of the formats it is
         if "annotations" in data:
             coco = load_coco(self.predict_prompts, data)
             return coco_records(coco, self.predict_prompts, self.predict_images, self.class_names)
+        if is_points_json(data):
+            return points_records(self.predict_prompts, self.predict_images, data)
         return boxes_records(self.predict_prompts, self.predict_images, self.class_names, data)
 
     # --- Lightning hooks -------------------------------------------------------------------------------

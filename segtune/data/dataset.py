@@ -83,8 +83,10 @@ class InstanceDataset(Dataset):
             raise ValueError(
                 f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
             )
-        if record.boxes is not None:  # given prompts (predict): no ground truth
-            return self.make_sample(image, [], record.box_classes, record, self._rng(record), boxes=record.boxes)
+        if record.boxes is not None or record.points is not None:  # given prompts (predict): no ground truth
+            return self.make_sample(
+                image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points
+            )
         masks, classes = record.instances(size)
         rng = self._rng(record)
         if self.augment is not None and masks:
@@ -141,10 +143,15 @@ class InstanceDataset(Dataset):
         record: ImageRecord,
         rng: np.random.Generator,
         boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
     ) -> Sample:
-        """Build prompts from ``masks`` (or take the given ``boxes``) and put everything in the model frame."""
+        """Build prompts from ``masks`` (or take the given ``boxes`` or ``[N, P, 3]`` ``points``) and put
+        everything in the model frame."""
         size = image.shape[:2]
         pixel_values, reshaped = preprocess_image(image, self.pre)
+        given_points = points is not None
+        if given_points:  # no box prompt; the box metadata (no floor is scored in predict) stays empty
+            boxes = np.zeros((len(points), 4), np.float32)
         given = boxes is not None
         if given:  # no ground truth: no masks (the prompt count comes from prompt_valid)
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -164,7 +171,10 @@ class InstanceDataset(Dataset):
             "file_name": record.path.name,
             "image_path": str(record.path),
         }
-        if self.prompts.uses_boxes or given:  # given boxes are the only prompt predict has
+        if given_points:
+            sample["input_points"] = scale_coords(torch.from_numpy(points[:, :, :2].copy()), size, reshaped)
+            sample["input_labels"] = torch.from_numpy(points[:, :, 2].astype(np.int64))
+        elif self.prompts.uses_boxes or given:  # given boxes are the only prompt predict has
             prompt_boxes = boxes
             if self.train and masks:
                 jitter = self.prompts.box_jitter

@@ -29,7 +29,9 @@ class ImageRecord:
         mask_path: the mask file of an image/mask-folder dataset.
         mask_format: how to read ``mask_path``.
         boxes: given ``[N, 4]`` xyxy prompt boxes (predict), with ``box_classes``.
-        box_classes: class index of each given box.
+        box_classes: class index of each given box or point prompt.
+        points: given ``[N, P, 3]`` point prompts (predict): ``x, y, label`` per point (1 positive,
+            0 negative, -10 padding), one row of ``P`` points per object.
     """
 
     image_id: int
@@ -41,11 +43,13 @@ class ImageRecord:
     mask_format: MaskFormat | None = None
     boxes: np.ndarray | None = None
     box_classes: list[int] = field(default_factory=list)
+    points: np.ndarray | None = None
 
     @property
     def has_instances(self) -> bool:
         """Whether the record can give a prompt (an empty mask file is only found when read)."""
-        return bool(self.annotations) or self.mask_path is not None or (self.boxes is not None and len(self.boxes) > 0)
+        given = [p for p in (self.boxes, self.points) if p is not None]
+        return bool(self.annotations) or self.mask_path is not None or any(len(p) > 0 for p in given)
 
     def instances(self, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
         """Decode the ``[H, W]`` bool instance masks and their class indices for an image of ``size``."""

@@ -18,7 +18,10 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from transformers import PreTrainedModel
 
+from segtune.amg import AutoMaskConfig, AutoMaskGenerator
 from segtune.data.batch import Batch
+from segtune.data.images import read_image
+from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.loss import SamLoss
 from segtune.metrics import EmptyPredictions, segmentation_metrics
 from segtune.models.fast_attention import install_fast_attention
@@ -28,6 +31,8 @@ from segtune.postprocess import EmptyTarget, ImagePrediction, predictions, score
 from segtune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
+
+DEFAULT_AMG = AutoMaskConfig()
 
 
 class SegmentationModule(LightningModule):
@@ -59,6 +64,8 @@ class SegmentationModule(LightningModule):
             Dice and IoU: ``"exclude"`` leaves it out of the means (nnU-Net's convention: there was
             nothing to segment, so it says nothing about the model), ``"one"`` counts it as 1.0.
             A mask predicted on an empty ground truth scores 0 either way.
+        amg: automatic mask generation, which ``segtune predict`` runs on ``data.predict_images``
+            given without ``data.predict_prompts`` (see :class:`segtune.amg.AutoMaskConfig`).
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -84,9 +91,13 @@ class SegmentationModule(LightningModule):
         gradient_clip_val: float | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         empty_target: EmptyTarget = "exclude",
+        amg: AutoMaskConfig = DEFAULT_AMG,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # amg is how predict runs, not part of the trained model: a checkpoint does not carry it
+        self.save_hyperparameters(ignore=["amg"])
+        self.amg = amg
+        self.automatic_masks = False
         self.model_name = model
         self.loss = SamLoss(mask_loss, mask_weight, dice_weight, iou_weight)
         self.model: nn.Module | None = None
@@ -130,6 +141,8 @@ class SegmentationModule(LightningModule):
         self.configure_model()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
+        self.automatic_masks = stage == "predict" and bool(getattr(datamodule, "automatic_masks", False))
+        self.intensity = getattr(datamodule, "intensity", None) or IntensityPolicy()
         self.val_metrics = segmentation_metrics(self.class_names, "val_")
         self.test_metrics = segmentation_metrics(self.class_names, "test_")
         self.val_empty = EmptyPredictions()
@@ -221,10 +234,26 @@ class SegmentationModule(LightningModule):
         self._log_metrics("test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[ImagePrediction]:
-        """Masks at each image's original resolution and their predicted IoU, one per prompt."""
+        """Masks at each image's original resolution and their predicted IoU: one per prompt, or, for
+        images without prompts, every mask automatic mask generation finds (class -1: none)."""
+        if self.automatic_masks:
+            return self._automatic_masks(batch)
         return [
             ImagePrediction(p.masks.cpu(), p.scores.cpu()) for p in predictions(self(batch), batch, self.preprocessing)
         ]
+
+    def _automatic_masks(self, batch: Batch) -> list[ImagePrediction]:
+        generate = AutoMaskGenerator(self.model, self.preprocessing, self.amg, self.hparams.multimask_output)
+        out = []
+        for i, path in enumerate(batch["image_paths"]):
+            # crops are cut from the original pixels, decoded as the dataset decodes them
+            image = to_model_range(read_image(Path(path)), self.intensity, path) if self.amg.crop_n_layers else None
+            resized = (int(batch["reshaped_sizes"][i, 0]), int(batch["reshaped_sizes"][i, 1]))
+            original = (int(batch["original_sizes"][i, 0]), int(batch["original_sizes"][i, 1]))
+            found = generate(batch["pixel_values"][i], resized, original, image)
+            classes = torch.full((len(found.scores),), -1, dtype=torch.long)
+            out.append(ImagePrediction(found.masks.cpu(), found.scores.cpu(), classes))
+        return out
 
     # --- optimiser and checkpoints ---------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -2,14 +2,17 @@
 and a compare plot, shrunk to under 300 KB each.
 
     segtune fit --config configs/quickstart.yaml
+    segtune validate --config configs/quickstart.yaml --trainer.callbacks+=segtune.callbacks.ValidationImages \\
+        --trainer.callbacks.every_n_epochs=1 --ckpt_path <best checkpoint printed by fit>
     segtune test --config configs/quickstart.yaml --ckpt_path <best checkpoint printed by fit>
     segtune predict --config configs/quickstart.yaml --ckpt_path <best checkpoint printed by fit>
     segtune compare --config configs/compare.yaml --epochs 1
     python docs/make_images.py --runs runs/quickstart --compare runs/compare --output docs/images
 
 ``--runs`` is a logger folder (``runs/<name>``): the newest ``version_N`` that has each picture is
-used (``val_images/epoch_EEE.png``, the last epoch's; ``test_report.png``;
-``predictions/overlays/*.jpg``, the first by name unless ``--overlay`` names one).
+used: ``val_images/epoch_EEE.png`` (the last epoch's; with the ``validate`` line, the best
+checkpoint's), ``test_report.png``, ``predictions/overlays/*.jpg`` (the first by name unless
+``--overlay`` names one).
 """
 
 from __future__ import annotations

@@ -147,6 +147,15 @@ def _instance_scores(row: ScoredImage, per_line: int = 2, lines: int = 2) -> str
     return text + (f" + {len(items) - len(shown)} more" if len(items) > len(shown) else "")
 
 
+def short_name(name: str, width: int) -> str:
+    """``name`` cut in the middle to fit ``width`` pixels of 8 pt text (Roboflow's names run long)."""
+    chars = max(9, width // 6)  # DejaVu Sans at 8 pt and 100 dpi: under 6 px a character on average
+    if len(name) <= chars:
+        return name
+    head = (chars - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (chars - 1 - head) :]}"
+
+
 def _class_list(names: Sequence[str]) -> str:
     counts: dict[str, int] = {}
     for name in names:
@@ -186,7 +195,7 @@ def validation_grid(rows: Sequence[ScoredImage], height: int = 256) -> Figure:
         top = header + i * (height + band)
         labels = [f"{d:.2f}" for d in row.dice]
         panels = (
-            (row.image, row.file_name),
+            (row.image, short_name(row.file_name, width)),
             (overlay(row.image, row.target, row.class_names, colours=row.class_ids), _class_list(row.class_names)),
             (
                 overlay(row.image, row.predicted, labels, colours=row.class_ids),
@@ -269,7 +278,7 @@ def test_report_figure(per_instance: Sequence[dict[str, Any]], worst: Sequence[S
             drawn = overlay(row.image, row.predicted, [f"{d:.2f}" for d in row.dice], colours=row.class_ids)
             axj = _axes(fig, 16 + j * (width + 16), top, width, strip - 70)
             _image_axes(axj, _contours(drawn, row.target, (255, 255, 255)))
-            title = f"{row.file_name}\nDice {row.mean_dice:.2f} (box floor {row.mean_box_dice:.2f})"
+            title = f"{short_name(row.file_name, width)}\nDice {row.mean_dice:.2f} (box floor {row.mean_box_dice:.2f})"
             axj.set_title(title, fontsize=8)
         caption = f"the {n} images with the lowest Dice: prediction in colour (instance Dice), ground truth in white"
         fig.text(0.5, 1 - (top - 40) / (fig.get_size_inches()[1] * DPI), caption, ha="center", fontsize=10)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from segtune.cli import main
 from segtune.compare import write_reports
-from segtune.visualise import VALIDATION_COLUMNS, validation_grid_height
+from segtune.visualise import VALIDATION_COLUMNS, short_name, validation_grid_height
 from tests.conftest import CONFIGS, ROOT, last_metrics
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -70,10 +70,13 @@ def test_validation_grid_has_column_titles_and_scored_rows(tiny_run: SimpleNames
     assert all(ax.get_title() == "" for ax in axes[3:])  # the titles once, above the columns
     names = {c["id"]: c["name"] for c in valid["categories"]}
     rows = [axes[i : i + 3] for i in range(0, len(axes), 3)]
-    assert {row[0].get_xlabel() for row in rows} == {im["file_name"] for im in valid["images"]}
+    # Roboflow's long file names are cut in the middle to fit under a panel
+    shown = {short_name(im["file_name"], 171): im for im in valid["images"]}
+    assert {row[0].get_xlabel() for row in rows} == set(shown)
+    assert all(len(name) <= 171 // 6 for name in shown)
     dice, box = [], []
     for image_ax, truth_ax, predicted_ax in rows:
-        image = next(im for im in valid["images"] if im["file_name"] == image_ax.get_xlabel())
+        image = shown[image_ax.get_xlabel()]
         classes = [names[a["category_id"]] for a in valid["annotations"] if a["image_id"] == image["id"]]
         assert set(truth_ax.get_xlabel().replace(" x2", "").replace(" x3", "").split(", ")) == set(classes)
         first, *instances = predicted_ax.get_xlabel().split("\n")  # two instances a line
@@ -107,8 +110,9 @@ def test_test_report_picture_shows_dice_per_class_and_the_worst_images(tiny_run:
     assert np.asarray(floor)[:, 0] == pytest.approx([report["per_class"][c]["box_dice"] for c in classes])
     # the 4 test images, worst (lowest Dice) first
     worst = sorted(report["per_image"], key=lambda r: (r["dice"], r["file_name"]))
+    panel = (1000 - 5 * 16) // 4  # 4 panels, 16 px apart
     assert [ax.get_title() for ax in strip] == [
-        f"{r['file_name']}\nDice {r['dice']:.2f} (box floor {r['box_dice']:.2f})" for r in worst
+        f"{short_name(r['file_name'], panel)}\nDice {r['dice']:.2f} (box floor {r['box_dice']:.2f})" for r in worst
     ]
 
 
@@ -163,5 +167,5 @@ def test_compare_plot_names_every_cell_with_units(tmp_path: Path) -> None:
     memory, time = figure.axes
     assert memory.get_xlabel() == "peak process memory, RSS (MiB)" and time.get_xlabel() == "train time (s)"
     assert memory.get_ylabel() == "test Dice (mean over instances, 0-1)"
-    assert "12 of 13 cells" in figure._suptitle.get_text()
+    assert "12 of 13 cells" in figure.get_suptitle()
     assert any("failed" in t and "sam-tiny / d" in t for t in _texts(figure.texts))

@@ -149,7 +149,7 @@ def _instance_scores(row: ScoredImage, per_line: int = 2, lines: int = 2) -> str
 
 def short_name(name: str, width: int) -> str:
     """``name`` cut in the middle to fit ``width`` pixels of 8 pt text (Roboflow's names run long)."""
-    chars = max(9, width // 6)  # DejaVu Sans at 8 pt and 100 dpi: under 6 px a character on average
+    chars = max(9, width // 7)  # DejaVu Sans at 8 pt and 100 dpi: about 6-7 px a character
     if len(name) <= chars:
         return name
     head = (chars - 1) // 2

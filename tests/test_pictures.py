@@ -73,7 +73,7 @@ def test_validation_grid_has_column_titles_and_scored_rows(tiny_run: SimpleNames
     # Roboflow's long file names are cut in the middle to fit under a panel
     shown = {short_name(im["file_name"], 171): im for im in valid["images"]}
     assert {row[0].get_xlabel() for row in rows} == set(shown)
-    assert all(len(name) <= 171 // 6 for name in shown)
+    assert all(len(name) <= 171 // 7 for name in shown)
     dice, box = [], []
     for image_ax, truth_ax, predicted_ax in rows:
         image = shown[image_ax.get_xlabel()]

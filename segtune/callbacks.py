@@ -28,7 +28,16 @@ from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.models.adapters import save_pretrained
 from segtune.reports import coco_results, instance_rows, summarise, summary_table, write_test_report
-from segtune.visualise import grid, instance_index_mask, overlay, to_uint8_rgb
+from segtune.visualise import (
+    ScoredImage,
+    figure_to_array,
+    instance_index_mask,
+    overlay,
+    save_figure,
+    test_report_figure,
+    to_uint8_rgb,
+    validation_grid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +159,38 @@ def _dataset_of(loaders: Any, index: int) -> Any:
     return getattr(loader, "dataset", None)
 
 
+def _class_name(names: list[str], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else str(index)
+
+
+def _scored_image(trainer: Trainer, pl_module: LightningModule, image: dict[str, Any]) -> ScoredImage:
+    """A :class:`ScoredImage` from what a callback kept of one evaluated image (see :func:`_keep`)."""
+    return ScoredImage(
+        file_name=image["file_name"],
+        image=_original_image(trainer, image["image_path"]),
+        target=image["target"],
+        predicted=image["predicted"],
+        class_ids=image["class_ids"],
+        class_names=[_class_name(pl_module.class_names, c) for c in image["class_ids"]],
+        dice=image["dice"],
+        box_dice=image["box_dice"],
+    )
+
+
+def _keep(batch: Any, i: int, predicted: Any, scores: Any) -> dict[str, Any]:
+    """Image ``i`` of an evaluation batch with its prediction and scores, on the CPU, without its pixels."""
+    target = batch["masks"][i].cpu().numpy()
+    return {
+        "file_name": batch["file_names"][i],
+        "image_path": batch["image_paths"][i],
+        "target": target,
+        "predicted": predicted.masks.cpu().numpy(),
+        "class_ids": batch["category_ids"][i, : len(target)].tolist(),
+        "dice": scores.dice.tolist(),
+        "box_dice": scores.box_dice.tolist(),
+    }
+
+
 def _gather(trainer: Trainer, items: list) -> list:
     """Every process's ``items`` on every process (a no-op in one process)."""
     if trainer.world_size == 1 or not torch.distributed.is_initialized():
@@ -160,12 +201,26 @@ def _gather(trainer: Trainer, items: list) -> list:
 
 
 class TestReport(Callback):
-    """``segtune test``: write ``test_metrics.json`` and ``test_per_image.csv`` into the run folder
-    and print a short table (overall, per class, worst images). The rows are the per-instance
-    scores the test metrics were computed from."""
+    """``segtune test``: write ``test_metrics.json``, ``test_per_image.csv`` and ``test_report.png``
+    into the run folder and print a short table (overall, per class, worst images). The rows are the
+    per-instance scores the test metrics were computed from.
+
+    ``test_report.png`` shows the distribution of per-instance Dice per class with the box floor
+    marked, and the ``worst_images`` images with the lowest mean Dice with their predictions.
+
+    Args:
+        worst_images: how many of the lowest-Dice images the picture shows (0: the Dice
+            distribution alone).
+        picture: write ``test_report.png`` (``false``: the json and csv files only).
+    """
+
+    def __init__(self, worst_images: int = 4, picture: bool = True) -> None:
+        self.worst_images = worst_images
+        self.picture = picture
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows: list[dict] = []
+        self.worst: list[dict[str, Any]] = []  # the worst images so far, with their masks
 
     def on_test_batch_end(
         self,
@@ -183,17 +238,30 @@ class TestReport(Callback):
             self.rows += instance_rows(
                 batch["image_ids"][i], batch["file_names"][i], scores, classes, predicted.scores, pl_module.class_names
             )
+            if self.picture and self.worst_images and len(scores.dice):
+                self.worst = self._worst([*self.worst, _keep(batch, i, predicted, scores)])
+
+    def _worst(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Lowest mean instance Dice (the per-image Dice of the report) first; ties by file name.
+        return sorted(images, key=lambda im: (float(np.mean(im["dice"])), im["file_name"]))[: self.worst_images]
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = _gather(trainer, self.rows)
+        worst = self._worst(_gather(trainer, self.worst)) if self.picture else []
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         if not rows:
             log.warning("test report: no instance was scored, nothing written")
             return
         report = summarise(rows)
-        json_path, csv_path = write_test_report(report, _run_folder(trainer))
-        print(f"\n{summary_table(report)}\nTest report: {json_path} and {csv_path}")
+        folder = _run_folder(trainer)
+        json_path, csv_path = write_test_report(report, folder)
+        written = f"{json_path}, {csv_path}"
+        if self.picture:
+            figure = test_report_figure(rows, [_scored_image(trainer, pl_module, im) for im in worst])
+            written += f" and {save_figure(figure, folder / 'test_report.png')}"
+        print(f"\n{summary_table(report)}\nTest report: {written}")
+        self.worst = []
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -258,7 +326,9 @@ class PredictionWriter(BasePredictionWriter):
 class ValidationImages(Callback):
     """Every ``every_n_epochs``, save a grid of validation images: image | ground truth | prediction.
 
-    Written as ``<run>/val_images/epoch_EEE.png`` and, when the logger is TensorBoard or W&B, as the
+    The columns have titles; each row shows the image's file name, the classes of its instances
+    and their Dice beside the box-floor Dice (the scores the validation metrics use). Written as
+    ``<run>/val_images/epoch_EEE.png`` and, when the logger is TensorBoard or W&B, as the
     ``val_images`` image there.
 
     Args:
@@ -277,7 +347,7 @@ class ValidationImages(Callback):
         return bool(self.every_n_epochs) and not trainer.sanity_checking and epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.rows: list[list[np.ndarray]] = []
+        self.images: list[dict[str, Any]] = []
 
     def on_validation_batch_end(
         self,
@@ -288,31 +358,26 @@ class ValidationImages(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._due(trainer) or not trainer.is_global_zero or len(self.rows) >= self.max_images:
+        if not self._due(trainer) or not trainer.is_global_zero or len(self.images) >= self.max_images:
             return
-        if not isinstance(outputs, dict) or "predictions" not in outputs:
+        if not isinstance(outputs, dict) or "predictions" not in outputs or "scores" not in outputs:
             return
-        for i, predicted in enumerate(outputs["predictions"][: self.max_images - len(self.rows)]):
-            image = _original_image(trainer, batch["image_paths"][i])
-            target = batch["masks"][i].cpu().numpy()
-            classes = batch["category_ids"][i, : len(target)].tolist()
-            masks = predicted.masks.cpu().numpy()
-            self.rows.append([image, overlay(image, target, colours=classes), overlay(image, masks, colours=classes)])
+        pairs = list(zip(outputs["predictions"], outputs["scores"], strict=True))
+        for i, (predicted, scores) in enumerate(pairs[: self.max_images - len(self.images)]):
+            self.images.append(_keep(batch, i, predicted, scores))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.rows or not trainer.is_global_zero:
+        if not self.images or not trainer.is_global_zero:
             return
-        picture = grid(self.rows, self.height)
-        folder = _run_folder(trainer) / "val_images"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch_{trainer.current_epoch:03d}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        figure = validation_grid([_scored_image(trainer, pl_module, im) for im in self.images], self.height)
+        save_figure(figure, _run_folder(trainer) / "val_images" / f"epoch_{trainer.current_epoch:03d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
+                picture = figure_to_array(figure)
                 logger.experiment.add_image("val_images", picture, trainer.global_step, dataformats="HWC")
             elif isinstance(logger, WandbLogger):
-                logger.log_image("val_images", [picture], step=trainer.global_step)
-        self.rows = []
+                logger.log_image("val_images", [figure_to_array(figure)], step=trainer.global_step)
+        self.images = []
 
 
 class SaveConfig(SaveConfigCallback):

@@ -3,16 +3,20 @@
 Each cell is a ``segtune fit`` then a ``segtune test`` of its best checkpoint, run as child
 processes with their own run folder, so a crash or out-of-memory in one cell cannot stop the
 others. A cell that finished is skipped when the comparison runs again; a failed one is retried.
-The reports (``report.md``, ``report.csv``, ``report.json``, ``report.png``) are rebuilt from the
-cells' own files every time.
+The reports (``report.md``, ``report.csv``, ``report.json``, ``report.png``) and the aggregate over
+cells (``aggregate.json``, ``aggregate.md``) are rebuilt from the cells' own files every time.
+Arguments for the cells are checked against ``segtune fit``'s parser once, before any cell runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import logging
+import math
 import resource
 import subprocess
 import sys
@@ -31,8 +35,11 @@ STATS_FILE = "cell_stats.json"
 RESULT_FILE = "cell.json"
 COLUMNS = [
     "model", "method", "status", "trainable_params", "total_params", "train_time_s", "time_per_step_s",
-    "peak_memory_mb", "memory_kind", "final_train_loss", "best_val_dice", "test_dice", "test_iou", "error",
+    "peak_memory_mb", "memory_kind", "final_train_loss", "best_val_loss", "best_val_dice", "test_dice", "test_iou",
+    "error",
 ]  # fmt: skip
+#: The quantities ``aggregate.json`` summarises (mean, min, max) over the cells that finished.
+AGGREGATED = ["train_time_s", "time_per_step_s", "peak_memory_mb", "test_dice"]
 
 
 class CellStats(Callback):
@@ -110,24 +117,62 @@ def _last_metrics(metrics_csv: Path) -> dict[str, float]:
     return out
 
 
-def _best(metrics_csv: Path, key: str) -> float | None:
+def _best(metrics_csv: Path, key: str, best: Any = max) -> float | None:
     values = []
     if metrics_csv.is_file():
         with open(metrics_csv) as f:
             values = [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
-    return max(values) if values else None
+    return best(values) if values else None
 
 
 def _segtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "segtune", *args]
 
 
+def _method_args(method_config: dict[str, Any]) -> list[str]:
+    args = ["--model.class_path", method_config["class_path"]]
+    for key, value in (method_config.get("init_args") or {}).items():
+        args += [f"--model.init_args.{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return args
+
+
+def check_fit_arguments(base_config: Path, methods: dict[str, dict[str, Any]], overrides: list[str]) -> str | None:
+    """Parse each method's ``segtune fit`` arguments without running anything; the first error, or ``None``.
+
+    The parse is ``fit --print_config`` in this process, once per method (a method's own init_args
+    decide which ``--model.init_args.*`` exist). The model is the ``sam-tiny`` preset there, so no
+    hub is asked: the model name does not change which arguments parse.
+    """
+    from segtune.cli import main  # segtune.cli imports this module
+
+    for name, method in methods.items():
+        args = ["fit", "--config", str(base_config), *_method_args(method), "--model.init_args.model", "sam-tiny"]
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                main([*args, *overrides, "--print_config"])
+                code: Any = 0
+            except SystemExit as e:
+                code = e.code
+        if code not in (0, None):
+            return f"method {name}: {_parser_error(err.getvalue())}"
+    return None
+
+
+def _parser_error(stderr: str) -> str:
+    """jsonargparse's error on one line: its ``error:`` line and the line naming the bad option."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(("error:", "segtune: error:"))), None)
+    if start is None:
+        return (lines or ["segtune fit refused the arguments"])[-1]
+    detail = [ln for ln in lines[start + 1 :] if "not accepted" in ln or "nrecognized" in ln]
+    return " ".join([lines[start], *detail[:1]])
+
+
 def run_cell(cell: Cell, base_config: Path, overrides: list[str]) -> dict[str, Any]:
     """Fit then test one cell in child processes; the result row (also written to ``cell.json``)."""
     cell.folder.mkdir(parents=True, exist_ok=True)
-    method_args = ["--model.class_path", cell.method_config["class_path"]]
-    for key, value in (cell.method_config.get("init_args") or {}).items():
-        method_args += [f"--model.init_args.{key}", json.dumps(value) if not isinstance(value, str) else value]
+    method_args = _method_args(cell.method_config)
     common = ["--config", str(base_config), *method_args, "--model.init_args.model", cell.model, *overrides]
     logger = [
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(cell.folder),
@@ -157,69 +202,165 @@ def run_cell(cell: Cell, base_config: Path, overrides: list[str]) -> dict[str, A
     if stats.is_file():
         result.update(json.loads(stats.read_text()))
     result["best_val_dice"] = _best(fit_dir / "metrics.csv", "val_dice")
+    result["best_val_loss"] = _best(fit_dir / "metrics.csv", "val_loss", min)
     (cell.folder / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 
+def _md_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
 def write_reports(rows: list[dict[str, Any]], folder: Path) -> None:
-    """``report.csv``, ``report.json``, ``report.md`` and ``report.png`` (Dice vs peak memory and time)."""
+    """``report.csv``, ``report.json``, ``report.md``, ``report.png`` (Dice vs peak memory and time)
+    and the aggregate over cells (``aggregate.json``, ``aggregate.md``)."""
     full = [{c: row.get(c) for c in COLUMNS} for row in rows]
     (folder / "report.json").write_text(json.dumps(full, indent=2))
     with open(folder / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(full)
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value).replace("|", "\\|")
-
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in full]
+    md += ["| " + " | ".join(_md_cell(r[c]) for c in COLUMNS) + " |" for r in full]
     (folder / "report.md").write_text("# segtune compare\n\n" + "\n".join(md) + "\n")
-    _plot(full, folder / "report.png")
+    summary = aggregate(full)
+    (folder / "aggregate.json").write_text(json.dumps(summary, indent=2))
+    (folder / "aggregate.md").write_text(_aggregate_markdown(summary))
+    plot_report(full, folder / "report.png")
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison over cells: success rate, mean/min/max of each of :data:`AGGREGATED` over the
+    cells that finished, and each cell's best validation loss (lowest epoch ``val_loss`` of its fit)."""
+
+    def stats(key: str) -> dict[str, float | None]:
+        values = [float(r[key]) for r in rows if r["status"] == "ok" and r.get(key) is not None]
+        values = [v for v in values if math.isfinite(v)]
+        if not values:
+            return {"mean": None, "min": None, "max": None, "cells": 0}
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "cells": len(values)}
+
+    ok = sum(r["status"] == "ok" for r in rows)
+    return {
+        "cells": len(rows),
+        "ok": ok,
+        "failed": len(rows) - ok,
+        "success_rate": ok / len(rows) if rows else None,
+        **{key: stats(key) for key in AGGREGATED},
+        "best_val_loss": [
+            {"model": r["model"], "method": r["method"], "status": r["status"], "best_val_loss": r.get("best_val_loss")}
+            for r in rows
+        ],
+    }
+
+
+def _aggregate_markdown(summary: dict[str, Any]) -> str:
+    rate = summary["success_rate"]
+    lines = [
+        "# segtune compare: aggregate over cells",
+        "",
+        f"{summary['ok']} of {summary['cells']} cells finished"
+        + (f" (success rate {rate:.0%})." if rate is not None else "."),
+        "",
+        "| over finished cells | mean | min | max | cells |",
+        "|---|---|---|---|---|",
+    ]
+    for key in AGGREGATED:
+        s = summary[key]
+        lines.append(f"| {key} | {_md_cell(s['mean'])} | {_md_cell(s['min'])} | {_md_cell(s['max'])} | {s['cells']} |")
+    lines += ["", "| model | method | status | best val_loss |", "|---|---|---|---|"]
+    lines += [
+        f"| {_md_cell(r['model'])} | {_md_cell(r['method'])} | {r['status']} | {_md_cell(r['best_val_loss'])} |"
+        for r in summary["best_val_loss"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# Methods are told apart by marker, models by colour: 7 x 8 cells stay distinguishable.
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def plot_report(rows: list[dict[str, Any]], path: Path) -> Any:
+    """Draw ``report.png``: test Dice against peak memory and against train time, one point per cell.
+
+    Each cell has one legend entry (``model / method``, placed beside the axes so points stay
+    visible); colour marks the model and marker shape the method. Failed cells are named under the plot.
+
+    Returns:
+        The (closed) matplotlib figure, for its titles and labels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if r["status"] == "ok" and r["test_dice"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    kind = done[0]["memory_kind"].upper() if done and done[0]["memory_kind"] else "peak"
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors
+    kind = (done[0]["memory_kind"] or "peak").upper() if done else "peak"
+    memory_label = {"GPU": "peak GPU memory allocated (MiB)", "RSS": "peak process memory, RSS (MiB)"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, key, label in (
-        (axes[0], "peak_memory_mb", f"peak memory ({kind}, MiB)"),
+        (axes[0], "peak_memory_mb", memory_label.get(kind, "peak memory (MiB)")),
         (axes[1], "train_time_s", "train time (s)"),
     ):
         for r in done:
             if r[key] is None:
                 continue
-            ax.scatter(r[key], r["test_dice"], s=40)
-            ax.annotate(f"{r['model']} / {r['method']}", (r[key], r["test_dice"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+            ax.scatter(
+                r[key], r["test_dice"], s=55, alpha=0.85, edgecolors="black", linewidths=0.5,
+                color=colours[models.index(r["model"]) % len(colours)],
+                marker=MARKERS[methods.index(r["method"]) % len(MARKERS)],
+                label=f"{r['model']} / {r['method']}",
+            )  # fmt: skip
         ax.set_xlabel(label)
-        ax.set_ylabel("test Dice")
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test Dice (mean over instances, 0-1)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=8,
+                   title="model / method", title_fontsize=9, frameon=False)  # fmt: skip
     failed = [f"{r['model']} / {r['method']}" for r in rows if r["status"] != "ok"]
-    fig.suptitle("test Dice per cell" + (f" (failed: {', '.join(failed)})" if failed else ""), fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"segtune compare: test Dice of {len(done)} of {len(rows)} cells", fontsize=11)
+    if failed:
+        shown = ", ".join(failed[:6]) + (f" and {len(failed) - 6} more" if len(failed) > 6 else "")
+        fig.text(0.01, 0.01, f"failed (see report.md): {shown}", fontsize=8, color="firebrick")
+    fig.subplots_adjust(left=0.07, right=0.78, bottom=0.16, top=0.9, wspace=0.08)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
+
+
+def _select(names: list[str], wanted: list[str] | None, what: str, config: Path) -> list[str]:
+    """``names`` filtered to ``wanted`` (comma- or space-separated), in the config's order."""
+    if not wanted:
+        return names
+    chosen = [w for item in wanted for w in item.split(",") if w]
+    unknown = [w for w in chosen if w not in names]
+    if unknown:
+        raise ValueError(f"{config}: no {what} {', '.join(unknown)} (it has {', '.join(names)})")
+    return [n for n in names if n in chosen]
 
 
 def compare_command(argv: list[str]) -> int:
     """Run (or list, with ``--dry-run``) the cells of a comparison and write its reports."""
-    parser = argparse.ArgumentParser(prog="segtune compare", description="Compare model presets x methods.")
+    parser = argparse.ArgumentParser(
+        prog="segtune compare",
+        description="Compare model presets x methods. Other --key value arguments go to every cell's fit and test.",
+        allow_abbrev=False,  # --model.init_args.* must never be read as an abbreviation of --models
+    )
     parser.add_argument("--config", required=True, type=Path, help="a compare YAML (see configs/compare.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
     parser.add_argument("--epochs", type=int, help="max_epochs for every cell")
     parser.add_argument("--data.root", dest="data_root", help="data root for every cell")
     parser.add_argument("--output", type=Path, help="compare folder (default: the config's output)")
+    parser.add_argument("--models", nargs="+", metavar="MODEL", help="only these of the config's models")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="only these of the config's methods")
     args, extra = parser.parse_known_args(argv)
     config = _load_compare_config(args.config)
     base = (args.config.parent / config["base_config"]).resolve()
@@ -229,26 +370,45 @@ def compare_command(argv: list[str]) -> int:
         overrides += ["--trainer.max_epochs", str(args.epochs)]
     if args.data_root:
         overrides += ["--data.init_args.root", args.data_root]
-    cells = [
+    try:
+        models = _select(list(config["models"]), args.models, "model", args.config)
+        methods = _select(list(config["methods"]), args.methods, "method", args.config)
+    except ValueError as e:
+        print(f"segtune compare: {e}", file=sys.stderr)
+        return 2
+    all_cells = [
         Cell(model, name, method, folder / f"{model}__{name}")
         for model in config["models"]
         for name, method in config["methods"].items()
     ]
+    cells = [c for c in all_cells if c.model in models and c.method in methods]
+    # An argument fit does not know would fail every cell, one after the other: refuse it here, once.
+    error = check_fit_arguments(base, {m: config["methods"][m] for m in methods}, overrides)
+    if error:
+        print(f"segtune compare: an argument for the cells is not one of segtune fit's: {error}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for c in cells:
             print(f"{c.model:<24} {c.method:<12} {'done' if c.finished else 'to run'}  {c.folder}")
         return 0
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
     for c in cells:
         if c.finished:
             print(f"{c.model} / {c.method}: done, skipped")
-            rows.append(json.loads((c.folder / RESULT_FILE).read_text()))
             continue
         print(f"{c.model} / {c.method}: running", flush=True)
         row = run_cell(c, base, overrides)
         print(f"{c.model} / {c.method}: {row['status']} {row.get('error') or ''}".rstrip(), flush=True)
-        rows.append(row)
-    write_reports(rows, folder)
-    print(f"Reports: {folder / 'report.md'} (.csv, .json, .png)")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+        rows[c.folder.name] = row
+    # The reports cover every cell of the config that has a result, also those a filter left out now.
+    reported = [rows.get(c.folder.name) or _result(c) for c in all_cells]
+    write_reports([r for r in reported if r], folder)
+    print(f"Reports: {folder / 'report.md'} (.csv, .json, .png); aggregate over cells: {folder / 'aggregate.json'}")
+    selected = [rows.get(c.folder.name) or _result(c) for c in cells]
+    return 0 if all(r and r["status"] == "ok" for r in selected) else 1
+
+
+def _result(cell: Cell) -> dict[str, Any] | None:
+    path = cell.folder / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

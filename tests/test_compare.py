@@ -61,6 +61,9 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
         assert row["test_iou"] == pytest.approx(float(tested["test_iou"]))
         best = max(float(r["val_dice"]) for r in metrics_rows(cell / "fit") if r.get("val_dice"))
         assert row["best_val_dice"] == pytest.approx(best)
+        assert row["best_val_loss"] == pytest.approx(
+            min(float(r["val_loss"]) for r in metrics_rows(cell / "fit") if r.get("val_loss"))
+        )
         stats = json.loads((cell / "fit" / "cell_stats.json").read_text())
         assert row["trainable_params"] == stats["trainable_params"] > 0
         assert row["peak_memory_mb"] > 0 and row["train_time_s"] > 0 and row["final_train_loss"] is not None
@@ -73,6 +76,20 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
         assert column in header
         assert column in (tmp_path / "cmp" / "report.md").read_text()
     assert (tmp_path / "cmp" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # the aggregate over cells: success rate, spread of time, memory and Dice, each cell's best val loss
+    aggregate = json.loads((tmp_path / "cmp" / "aggregate.json").read_text())
+    ok = [r for r in report if r["status"] == "ok"]
+    assert (aggregate["cells"], aggregate["ok"], aggregate["success_rate"]) == (4, 3, 0.75)
+    for key in ("train_time_s", "peak_memory_mb", "test_dice", "time_per_step_s"):
+        values = [r[key] for r in ok]
+        assert aggregate[key] == pytest.approx(
+            {"mean": sum(values) / 3, "min": min(values), "max": max(values), "cells": 3}
+        ), key
+    assert {(c["model"], c["method"]): c["best_val_loss"] for c in aggregate["best_val_loss"]} == {
+        key: row["best_val_loss"] for key, row in by_cell.items()
+    }
+    assert by_cell[("sam3tracker-tiny", "lora")]["best_val_loss"] is None  # it never validated
+    assert "3 of 4 cells finished (success rate 75%)" in (tmp_path / "cmp" / "aggregate.md").read_text()
 
     # again: finished cells are skipped, the failed one is retried
     capsys.readouterr()
@@ -83,4 +100,36 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
 
 def test_shipped_compare_config_lists_its_cells(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert _compare("--config", str(CONFIGS / "compare.yaml"), "--output", str(tmp_path), "--dry-run") == 0
-    assert capsys.readouterr().out.count("to run") == 4
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 6 and all("to run" in line for line in listed)
+    methods = yaml.safe_load((CONFIGS / "compare.yaml").read_text())["methods"]
+    assert {m["class_path"] for m in methods.values()} == {
+        "segtune.methods.FullFinetune", "segtune.methods.LoRA", "segtune.methods.QLoRA"
+    }  # fmt: skip
+
+
+def test_filters_pick_cells_and_unknown_arguments_fail_once_before_any_cell(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    shipped = ["--config", str(CONFIGS / "compare.yaml"), "--output", str(tmp_path / "cmp")]
+    assert _compare(*shipped, "--dry-run", "--models", "sam2-tiny", "--methods", "lora,qlora") == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in listed] == [["sam2-tiny", "lora"], ["sam2-tiny", "qlora"]]
+
+    assert _compare(*shipped, "--dry-run", "--models", "medsam") == 2
+    err = capsys.readouterr().err
+    assert "no model medsam (it has sam-tiny, sam2-tiny)" in err and len(err.strip().splitlines()) == 1
+
+    # an argument fit does not know: one line, the same with and without --dry-run, and no cell starts
+    for dry in (["--dry-run"], []):
+        assert _compare(*shipped, *dry, "--trainer.max_epoks", "3") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--trainer.max_epoks" in err, err
+        assert err.startswith("segtune compare: ")
+        assert not (tmp_path / "cmp").exists()
+    # checked per method: LoRA's rank exists only for the LoRA methods
+    assert _compare(*shipped, "--dry-run", "--methods", "lora", "qlora", "--model.init_args.r", "4") == 0
+    capsys.readouterr()
+    assert _compare(*shipped, "--dry-run", "--model.init_args.r", "4") == 2
+    err = capsys.readouterr().err
+    assert "method full" in err and "Option 'r' is not accepted" in err and len(err.strip().splitlines()) == 1

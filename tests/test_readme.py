@@ -18,7 +18,7 @@ BASH_LINES = [
     for line in block.splitlines()
     if line.strip() and not line.startswith("#")
 ]
-SEGTUNE_LINES = [line for line in BASH_LINES if line.startswith("segtune ")]
+SEGTUNE_LINES = list(dict.fromkeys(line for line in BASH_LINES if line.startswith("segtune ")))  # each once
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:

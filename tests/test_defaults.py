@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from segtune.cli import DEFAULTS, main
+from segtune.visualise import validation_grid_height
 from tests.conftest import CONFIGS, last_metrics
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -57,7 +58,9 @@ def test_a_config_changes_and_removes_default_callbacks(run_cli, shapes_root: Pa
     run = cwd / "runs" / "quickstart" / "version_0"
     for epoch in (0, 1):  # every epoch now: image | ground truth | prediction, one row per validation image (4)
         picture = cv2.imread(str(run / "val_images" / f"epoch_{epoch:03d}.png"))
-        assert picture is not None and picture.shape[0] == 4 * 256 and picture.shape[1] >= 3 * 256
+        # 4 rows of 256 px panels with their titles and scores (segtune.visualise.validation_grid)
+        assert picture is not None
+        assert picture.shape[0] == validation_grid_height(4, 256) and picture.shape[1] >= 3 * 256
     (checkpoint,) = (run / "checkpoints").glob("best-*.ckpt")
     score = float(checkpoint.stem.split("val_dice")[1])
     assert score == pytest.approx(max(float(v) for v in [last_metrics(run)["val_dice"], score]), abs=1e-4)

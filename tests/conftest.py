@@ -28,6 +28,24 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quickstart_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The best checkpoint of a one-epoch quickstart fit (sam-tiny, LoRA) on ``shapes_root``."""
+    import os
+
+    from segtune.cli import main
+
+    cwd = tmp_path_factory.mktemp("quickstart_fit")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.root", str(shapes_root),
+              "--trainer.max_epochs", "1"])  # fmt: skip
+    finally:
+        os.chdir(old)
+    return next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+
+
+@pytest.fixture(scope="session")
 def masks_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small image/mask folder set (``images/*.jpg``, ``masks/*.png``, 0/255) with no split folders."""
     import numpy as np

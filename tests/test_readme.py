@@ -41,20 +41,8 @@ def test_nox_sessions_named_in_readme_exist() -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import os
-
-    from segtune.cli import main
-
-    cwd = tmp_path_factory.mktemp("readme_fit")
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--data.init_args.root", str(shapes_root),
-              "--trainer.max_epochs", "1"])  # fmt: skip
-    finally:
-        os.chdir(old)
-    return next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+def checkpoint(quickstart_checkpoint: Path) -> Path:
+    return quickstart_checkpoint
 
 
 @pytest.mark.parametrize("line", SEGTUNE_LINES)

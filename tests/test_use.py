@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import time
@@ -32,19 +31,8 @@ LOOSE = ["--model.init_args.amg.pred_iou_thresh", "-1", "--model.init_args.amg.s
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA checkpoint of the quickstart (sam-tiny), trained for two steps."""
-    from segtune.cli import main
-
-    cwd = tmp_path_factory.mktemp("use_fit")
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        main(["fit", "--config", str(QUICKSTART), "--data.init_args.root", str(shapes_root),
-              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])  # fmt: skip
-    finally:
-        os.chdir(old)
-    return next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+def checkpoint(quickstart_checkpoint: Path) -> Path:
+    return quickstart_checkpoint
 
 
 def _load_results(gt: Path, predictions: Path) -> COCO:

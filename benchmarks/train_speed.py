@@ -12,7 +12,10 @@ Cases: full fine-tune, LoRA, frozen image encoder without and with the embedding
 steps of the second epoch, once every image is cached). The table gives each case's time per step,
 images/s, the ratio plain / segtune, and on CUDA the peak memory and MFU (model FLOPs from
 ``torch.utils.flop_counter`` over the plain loop's step, against a bf16 matmul's throughput
-measured in the same run).
+measured in the same run). On CPU a second table gives each side's user and system CPU seconds in the
+same step: user time is the step's own arithmetic, system time the kernel's page faults for freshly
+mapped memory, which vary with the allocator's history and explain wall-time gaps between steps that
+do the same work.
 
     python benchmarks/train_speed.py                   # CPU: ViT-B at 1024 px, batch 1
     python benchmarks/train_speed.py --size 512        # CPU, quicker
@@ -120,14 +123,14 @@ def time_plain(case: Case, folder: Path, batches: list[dict], steps: int, device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    times: list[float] = []
+    times: list[tuple[float, float, float]] = []
     flops = None
     _reset_peak(device)
     for step in range(steps + 1):  # the first step warms up (allocator, kernels)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches[step % len(batches)].items()}
         counter = _flop_counter() if step == 1 and device.type == "cuda" else contextlib.nullcontext()
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), os.times()
         with counter:
             with autocast:
                 out = model(
@@ -139,10 +142,10 @@ def time_plain(case: Case, folder: Path, batches: list[dict], steps: int, device
             optimizer.zero_grad(set_to_none=True)
         _sync(device)
         if step:
-            times.append(time.perf_counter() - start)
+            times.append(_elapsed(start, cpu))
         if step == 1 and device.type == "cuda":
             flops = counter.get_total_flops()
-    result = {"seconds": _fastest(times), "median": _median(times), "peak_gib": _peak(device), "flops": flops}
+    result = {**_summary(times), "peak_gib": _peak(device), "flops": flops}
     del model, optimizer
     _free(device)
     return result
@@ -150,20 +153,20 @@ def time_plain(case: Case, folder: Path, batches: list[dict], steps: int, device
 
 # --- (b) segtune through the Lightning Trainer ----------------------------------------------------
 class StepTimer(Callback):
-    """Seconds of each training step (forward, loss, backward, optimiser step; no data loading)."""
+    """Wall and CPU seconds of each training step (forward, loss, backward, optimiser step; no data loading)."""
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-        self.times: list[float] = []
+        self.times: list[tuple[float, float, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         _sync(pl_module.device)
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), os.times()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _sync(pl_module.device)
         if trainer.current_epoch == self.epoch and (batch_idx > 0 or self.epoch > 0):  # skip the warm-up step
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(_elapsed(self._start, self._cpu))
 
 
 def segtune_module(case: Case, folder: Path, fast: bool):
@@ -201,7 +204,7 @@ def time_segtune(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule)
-    result = {"seconds": _fastest(timer.times), "median": _median(timer.times), "peak_gib": _peak(device)}
+    result = {**_summary(timer.times), "peak_gib": _peak(device)}
     del trainer, module
     _free(device)
     return result
@@ -234,9 +237,23 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _fastest(values: list[float]) -> float:
-    """The fastest timed step: other processes can only slow a step down, never speed it up."""
-    return min(values) if values else math.nan
+def _elapsed(start: float, cpu: os.times_result) -> tuple[float, float, float]:
+    """Wall, user-CPU and system-CPU seconds since ``start`` / ``cpu`` (this process, all its threads)."""
+    now = os.times()
+    return time.perf_counter() - start, now.user - cpu.user, now.system - cpu.system
+
+
+def _summary(steps: list[tuple[float, float, float]]) -> dict:
+    """A side's timings: the fastest step's wall, user and system seconds, and the median wall seconds.
+
+    The fastest step, because other processes can only slow a step down, never speed it up. User and
+    system CPU time tell the step's own arithmetic from the kernel's work for it (page faults: on a CPU a
+    1024 px step maps gigabytes of fresh memory, and the kernel time varies from step to step).
+    """
+    if not steps:
+        return {"seconds": math.nan, "median": math.nan, "user": math.nan, "system": math.nan}
+    wall, user, system = min(steps)
+    return {"seconds": wall, "median": _median([s[0] for s in steps]), "user": user, "system": system}
 
 
 def _load() -> float:
@@ -354,7 +371,8 @@ def main() -> None:
                 case.result[key]["load"] = _load()
                 loads.append(case.result[key]["load"])
                 r = case.result[key]
-                line = f"{r['seconds']:.3f} s/step (median {r['median']:.3f}, load {r['load']:.1f})"
+                line = (f"{r['seconds']:.3f} s/step (median {r['median']:.3f}; CPU user {r['user']:.2f} s, "
+                        f"system {r['system']:.2f} s; load {r['load']:.1f})")  # fmt: skip
                 print(f"   {key:<8} {line}", flush=True)
 
     table = render(cases, device, ceiling)
@@ -403,7 +421,31 @@ def render(cases: list[Case], device: torch.device, ceiling: float | None) -> st
                     fmt(100 * mfu_on if mfu_on else None, ".0f") + ("%" if mfu_on else "")]  # fmt: skip
         rows.append("| " + " | ".join(row) + " |")
     failures = [f"- {c.name}, {side}: {line}" for c in cases for side, line in c.errors.items()]
-    return "\n".join(rows + (["", "Failed:", *failures] if failures else []))
+    cpu = [] if gpu else ["", *cpu_table(cases)]
+    return "\n".join(rows + cpu + (["", "Failed:", *failures] if failures else []))
+
+
+def cpu_table(cases: list[Case]) -> list[str]:
+    """CPU seconds of each side's fastest step: user (the step's arithmetic, all threads) and system (the kernel's
+    work for it, mostly page faults of freshly mapped memory), and the user-time ratio plain / segtune off, which
+    compares the two steps' own work without the kernel's step-to-step variation."""
+    sides = [("plain", "plain"), ("off", "segtune off"), ("on", "segtune")]
+    head = ["case"] + [f"{label} {kind} s" for _, label in sides for kind in ("user", "system")]
+    head.append("plain / segtune off, user CPU")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        row = [c.name]
+        for key, _ in sides:
+            r = c.result.get(key, {})
+            row += [_fmt(r.get("user")), _fmt(r.get("system"))]
+        plain, off = c.result.get("plain", {}).get("user"), c.result.get("off", {}).get("user")
+        row.append(_fmt(plain / off, ".2f") + "x" if plain and off else "-")
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def environment(args: argparse.Namespace, device: torch.device, ceiling: float | None, load: float) -> str:
@@ -413,6 +455,9 @@ def environment(args: argparse.Namespace, device: torch.device, ceiling: float |
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'}"
     threads = torch.get_num_threads()
+    # The run's own compute threads and its data-loading workers count in the load; well above the thread
+    # count, other processes took CPU time from the steps.
+    busy = ": other processes competed, the timings are not reliable" if load > threads + 1 else ""
     lines = [
         f"## {datetime.date.today().isoformat()}: {device.type.upper()} ({machine}, {threads} torch threads), "
         f"{args.size} px",
@@ -420,8 +465,8 @@ def environment(args: argparse.Namespace, device: torch.device, ceiling: float |
         f"Command: `python benchmarks/train_speed.py {' '.join(sys.argv[1:])}`  ",
         f"Versions: torch {torch.__version__}, transformers {transformers.__version__}, "
         f"lightning {lightning.__version__}, peft {peft.__version__}, Python {platform.python_version()}  ",
-        f"Highest 1-minute load average seen after a side: {load:.1f} on {os.cpu_count()} CPUs "
-        "(above the torch thread count, other processes competed and the timings are not reliable).  ",
+        f"Highest 1-minute load average seen after a side: {load:.1f} on {os.cpu_count()} CPUs, "
+        f"{threads} torch threads{busy}.  ",
         "Random weights (no download); fp32 on CPU, bf16-mixed on CUDA; fastest of the timed steps after a "
         "warm-up step (other processes only ever slow a step down); data loading excluded on both sides. "
         "Plain: the HF loop (Dice + BCE, AdamW). "

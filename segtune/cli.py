@@ -47,6 +47,7 @@ TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # holding more than tensors and plain values (refused by weights_only loading). They reach the
 # user as one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, FloatingPointError, pickle.UnpicklingError)
+UNUSED_PARAMETERS = "parameters that were not used in producing the loss"  # in Lightning's DDP error
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,17 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("SEGTUNE_DEBUG"):
             raise
         print(f"segtune: error: {one_line(e)} (SEGTUNE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+    except RuntimeError as e:
+        # Lightning's DDP message for parameters without gradient, with what causes it in segtune
+        if os.environ.get("SEGTUNE_DEBUG") or UNUSED_PARAMETERS not in str(e):
+            raise
+        print(
+            "segtune: error: DDP: some trainable parameters got no gradient in a training step (with box prompts, "
+            "the prompt encoder's point embeddings): leave prompt_encoder out of model.init_args.train_parts or "
+            "set trainer.strategy: ddp_find_unused_parameters_true (SEGTUNE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 

@@ -1,4 +1,4 @@
-"""Two processes (DDP over gloo on CPU) fit and test; test metrics equal a one-process run."""
+"""Two processes (DDP over gloo on CPU) fit a SAM2 full fine-tune and test it; test metrics equal a one-process run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from tests.conftest import CONFIGS, last_metrics, segtune_script
 def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
     segtune = segtune_script()
     # 5 test images: 2 processes cannot split them evenly, so a repeated image would show
-    data = write_shapes_coco(tmp_path / "data", {"train": 4, "valid": 3, "test": 5}, seed=3)
+    data = write_shapes_coco(tmp_path / "data", {"train": 8, "valid": 3, "test": 5}, seed=3)  # 2 steps per process
+    # A SAM2 full fine-tune: before segtune froze the parameters its training never reaches (SAM2's
+    # object-score head, the mask-prompt embedding), DDP stopped at the second step waiting for their gradients.
     common = ["--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.root", str(data),
-              "--data.init_args.batch_size", "2"]  # fmt: skip
+              "--data.init_args.batch_size", "2", "--model.class_path", "segtune.methods.FullFinetune",
+              "--model.init_args.model", "sam2-tiny"]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 
     fit = subprocess.run([segtune, "fit", *common, *ddp, "--trainer.max_epochs", "1"], cwd=tmp_path,
@@ -40,3 +43,19 @@ def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "runs/quickstart/version_1/test_metrics.json").read_text())
     assert len(report["per_image"]) == 5  # every test image once, from both processes
+
+
+def test_ddp_with_parameters_without_gradient_stops_in_one_line(tmp_path: Path) -> None:
+    # SAM's prompt encoder trained on box prompts: its point embeddings get no gradient
+    data = write_shapes_coco(tmp_path / "data", {"train": 8, "valid": 2}, seed=3)
+    fit = subprocess.run(
+        [segtune_script(), "fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.root", str(data),
+         "--data.init_args.batch_size", "2", "--model.class_path", "segtune.methods.FullFinetune",
+         "--model.init_args.train_parts", "[prompt_encoder, mask_decoder]", "--trainer.max_epochs", "1",
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert fit.returncode != 0
+    assert "segtune: error: DDP: some trainable parameters got no gradient" in fit.stderr
+    assert "ddp_find_unused_parameters_true" in fit.stderr
+    assert "Traceback" not in fit.stderr

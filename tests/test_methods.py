@@ -285,3 +285,22 @@ def test_fast_attention_switch_changes_the_kernel_not_the_output(method: str) ->
         a = on.model.eval()(**inputs, multimask_output=False).pred_masks
         b = off.model.eval()(**inputs, multimask_output=False).pred_masks
     assert _close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("method", [FullFinetune, LoRA], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("model", TINY)
+def test_every_trainable_parameter_gets_a_gradient_from_box_prompts(
+    model: str, method: type, shapes_root: Path
+) -> None:
+    # DDP (find_unused_parameters off, Lightning's "ddp") stops at the second step when one does not
+    from segtune.data.datamodule import SegmentationDataModule
+
+    module = method(model=model, target_modules=None) if method is LoRA else method(model=model)
+    module.configure_model()
+    dm = SegmentationDataModule(shapes_root, preprocessing=module.preprocessing, batch_size=2)
+    dm.setup("fit")
+    batch = dm.train_dataloader().collate_fn([dm.datasets["fit"][0], dm.datasets["fit"][1]])
+    module._loss(module(batch), batch)["loss"].backward()
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable
+    assert [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -24,6 +24,7 @@ from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.loss import SamLoss
 from segtune.metrics import EmptyPredictions, segmentation_metrics
+from segtune.models.adapters import freeze_unreached
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
@@ -129,6 +130,9 @@ class SegmentationModule(LightningModule):
             if fused:
                 log.info("fast attention: %d image-encoder attention layers use the folded rel-pos SDPA", fused)
         self.model = self.adapt(model, targets)
+        unreached = freeze_unreached(self.model)
+        if unreached:
+            log.info("frozen: %d parameters segtune's training never reaches (e.g. %s)", len(unreached), unreached[0])
         self.sanitise = Sanitiser(self.model)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())

@@ -35,7 +35,10 @@ class FullFinetune(SegmentationModule):
 
     Args:
         model: preset name, local folder or hub id.
-        train_parts: which parts train; the others are frozen.
+        train_parts: which parts train; the others are frozen. The prompt encoder is frozen by
+            default, as in MedSAM and lightning-sam: box prompts leave its point and mask embeddings
+            without gradient, which DDP refuses unless the strategy is
+            ``ddp_find_unused_parameters_true``.
         lr: peak learning rate (full fine-tunes want a small one).
         gradient_clip_val: gradient-norm clipping, on by default for full fine-tunes.
         embedding_cache: with ``vision_encoder`` frozen (not in ``train_parts``), compute each
@@ -55,7 +58,7 @@ class FullFinetune(SegmentationModule):
     def __init__(
         self,
         model: str = "sam-tiny",
-        train_parts: list[Part] = ["vision_encoder", "prompt_encoder", "mask_decoder"],  # noqa: B006
+        train_parts: list[Part] = ["vision_encoder", "mask_decoder"],  # noqa: B006
         lr: float = 1e-5,
         gradient_clip_val: float | None = 1.0,
         embedding_cache: CacheMode = "off",
@@ -79,6 +82,8 @@ class FullFinetune(SegmentationModule):
                 f"embedding_cache: {self.embedding_cache_mode} needs a frozen image encoder: remove vision_encoder "
                 "from model.init_args.train_parts or set model.init_args.embedding_cache: off"
             )
+        # parameters held by the model itself (Sam3Tracker's no_memory_embedding) belong to no part: frozen
+        model.requires_grad_(False)
         for name, child in model.named_children():
             child.requires_grad_(name in self.train_parts)
         return model

@@ -13,6 +13,38 @@ from transformers import PreTrainedModel
 
 from segtune.preprocessing import Preprocessing
 
+# Parameters of the SAM family that segtune's training never reaches. They never get a gradient, so
+# AdamW never changes them; left trainable, DDP waits for their gradients and stops at the second step
+# ("parameters that were not used in producing the loss"). tests/test_methods.py checks every family.
+# - any family: the mask-prompt embedding (segtune gives no mask prompts) and SAM2's object-score head
+#   (its output feeds neither the loss nor the predictions);
+# - Sam3Tracker: its image path adds `no_memory_embedding` to the neck's fourth, lowest-resolution level,
+#   which the mask decoder never takes (it reads as many levels as `backbone_feature_sizes` lists: three).
+UNREACHED = r"prompt_encoder\.(.*\.)?mask_embed\..*|(.*\.)?pred_obj_score_head\..*"
+UNREACHED_BY_TYPE = {"sam3_tracker": r"no_memory_embedding|vision_encoder\.neck\.fpn_layers\.3\..*"}
+
+
+def freeze_unreached(model: nn.Module) -> list[str]:
+    """Freeze the trainable parameters segtune's training cannot reach (see ``UNREACHED``).
+
+    Numerically a no-op on one device (those parameters get no gradient either way); under DDP it is
+    what lets every process's gradients be reduced without ``find_unused_parameters``.
+
+    Args:
+        model: a SAM-family model, bare or wrapped by peft.
+
+    Returns:
+        The names of the parameters it froze.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    pattern = re.compile(r"(.*\.)?(" + "|".join(filter(None, [UNREACHED, UNREACHED_BY_TYPE.get(model_type)])) + ")")
+    frozen = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and pattern.fullmatch(name):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
 
 def add_lora(
     model: nn.Module,

@@ -146,3 +146,20 @@ def test_skippable_problems_are_logged_and_training_goes_on(
     assert "empty segmentation" in caplog.text and "no polygon with 3 or more points" in caplog.text
     assert "differ from the files only in case" in caplog.text
     assert "1 annotations lie outside their image" in caplog.text
+
+
+def test_an_evaluation_split_smaller_than_the_process_count_is_refused_in_one_line(shapes_root: Path) -> None:
+    from types import SimpleNamespace
+
+    from segtune.data.datamodule import SegmentationDataModule
+    from segtune.models.presets import PRESETS
+
+    dm = SegmentationDataModule(shapes_root, preprocessing=PRESETS["sam-tiny"].preprocessing)
+    dm.setup("fit")
+    images = len(dm.datasets["validate"])
+    dm.trainer = SimpleNamespace(world_size=images + 1, global_rank=images)
+    expected = rf"{shapes_root}: the validate split has {images} image\(s\) for {images + 1} processes"
+    with pytest.raises(ValueError, match=expected):
+        dm.val_dataloader()
+    dm.trainer = SimpleNamespace(world_size=images, global_rank=images - 1)  # one each: fine
+    assert len(list(dm.val_dataloader().sampler)) == 1

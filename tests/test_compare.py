@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from segtune.cli import main
+from segtune.models.loading import load_model
 from tests.conftest import CONFIGS, metrics_rows
 
 
@@ -67,7 +68,10 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
         stats = json.loads((cell / "fit" / "cell_stats.json").read_text())
         assert row["trainable_params"] == stats["trainable_params"] > 0
         assert row["peak_memory_mb"] > 0 and row["train_time_s"] > 0 and row["final_train_loss"] is not None
-    assert by_cell[("sam-tiny", "full")]["trainable_params"] == by_cell[("sam-tiny", "full")]["total_params"]
+    # FullFinetune's default parts: the image encoder and the mask decoder (the prompt encoder stays frozen)
+    model = load_model("sam-tiny")[0]
+    parts = sum(p.numel() for part in (model.vision_encoder, model.mask_decoder) for p in part.parameters())
+    assert by_cell[("sam-tiny", "full")]["trainable_params"] == parts < by_cell[("sam-tiny", "full")]["total_params"]
     with open(tmp_path / "cmp" / "report.csv") as f:
         header = next(csv.reader(f))
     columns = ["model", "method", "trainable_params", "total_params", "train_time_s", "time_per_step_s"]

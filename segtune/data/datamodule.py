@@ -324,6 +324,13 @@ class SegmentationDataModule(LightningDataModule):
         sampler = None
         trainer = self.trainer
         if stage != "fit" and trainer is not None and trainer.world_size > 1:
+            images = len(self.datasets[stage])
+            if 0 < images < trainer.world_size:
+                # every process must run the loop (DDP would wait for the idle one): refused here in one line
+                raise ValueError(
+                    f"{self.root}: the {stage} split has {images} image(s) for {trainer.world_size} processes; each "
+                    f"process needs at least one: add images to it or run {stage} with fewer trainer.devices"
+                )
             # Lightning's DistributedSampler repeats images to even out the processes, which would
             # count them twice in the metrics: each image is scored by exactly one process instead.
             sampler = UnrepeatedDistributedSamplerWrapper(

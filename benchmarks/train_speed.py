@@ -404,11 +404,8 @@ def render(cases: list[Case], device: torch.device, ceiling: float | None) -> st
             plain = frozen_plain  # the cache is compared with the plain frozen-encoder loop
         off = c.result.get("off", {}).get("seconds")
         on = c.result.get("on", {}).get("seconds")
-
-        def fmt(x: float | None, spec: str = ".3f") -> str:
-            return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-        row = [c.name, str(c.batch), fmt(plain), fmt(off), fmt(on), fmt(c.batch / on if on else None, ".2f"),
+        row = [c.name, str(c.batch), fmt(plain, ".3f"), fmt(off, ".3f"), fmt(on, ".3f"),
+               fmt(c.batch / on if on else None, ".2f"),
                fmt(plain / off if plain and off else None, ".2f") + ("x" if plain and off else ""),
                fmt(plain / on if plain and on else None, ".2f") + ("x" if plain and on else "")]  # fmt: skip
         if gpu:
@@ -437,14 +434,15 @@ def cpu_table(cases: list[Case]) -> list[str]:
         row = [c.name]
         for key, _ in sides:
             r = c.result.get(key, {})
-            row += [_fmt(r.get("user")), _fmt(r.get("system"))]
+            row += [fmt(r.get("user")), fmt(r.get("system"))]
         plain, off = c.result.get("plain", {}).get("user"), c.result.get("off", {}).get("user")
-        row.append(_fmt(plain / off, ".2f") + "x" if plain and off else "-")
+        row.append(fmt(plain / off, ".2f") + "x" if plain and off else "-")
         rows.append("| " + " | ".join(row) + " |")
     return rows
 
 
-def _fmt(x: float | None, spec: str = ".2f") -> str:
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    """A table cell: ``x`` formatted, or ``-`` when missing."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 

@@ -53,13 +53,13 @@ class ConversionError(ValueError):
 Rules = list[tuple[str, str]]
 
 
-def _mlp3(prefix: str, native: str, hf: str) -> Rules:
-    """SAM's 3-layer MLP heads: native ``layers.0/1/2`` are HF's ``proj_in``, ``layers.0``, ``proj_out``."""
-    return [
-        (rf"{prefix}\.{native}\.layers\.0\.(\w+)", rf"mask_decoder.{hf}.proj_in.\1"),
-        (rf"{prefix}\.{native}\.layers\.1\.(\w+)", rf"mask_decoder.{hf}.layers.0.\1"),
-        (rf"{prefix}\.{native}\.layers\.2\.(\w+)", rf"mask_decoder.{hf}.proj_out.\1"),
-    ]
+def _mlp(native: str, hf: str, layers: int) -> Rules:
+    """A native MLP's ``layers.0 .. layers.{n-1}``: HF's ``proj_in``, ``layers.0 .. layers.{n-3}``, ``proj_out``.
+
+    ``native`` (a regex) and ``hf`` (its replacement) may hold groups of their own, e.g. a block index.
+    """
+    names = ["proj_in", *(f"layers.{i}" for i in range(layers - 2)), "proj_out"]
+    return [(rf"{native}\.layers\.{i}\.(?P<param>\w+)", rf"{hf}.{name}.\g<param>") for i, name in enumerate(names)]
 
 
 def _prompt_and_decoder(prompt: str, decoder: str) -> Rules:
@@ -76,33 +76,15 @@ def _prompt_and_decoder(prompt: str, decoder: str) -> Rules:
         (rf"{p}\.mask_downscaling\.6\.(\w+)", r"prompt_encoder.mask_embed.conv3.\1"),
         (rf"{d}\.transformer\.layers\.(\d+)\.norm(\d)\.(\w+)", r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
         # SAM's two-way transformer MLP is lin1/lin2; SAM2's is an MLP with layers.0/1
-        (
-            rf"{d}\.transformer\.layers\.(\d+)\.mlp\.layers\.0\.(\w+)",
-            r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2",
-        ),
-        (
-            rf"{d}\.transformer\.layers\.(\d+)\.mlp\.layers\.1\.(\w+)",
-            r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2",
-        ),
+        *_mlp(rf"{d}\.transformer\.layers\.(\d+)\.mlp", r"mask_decoder.transformer.layers.\1.mlp", 2),
         (rf"{d}\.transformer\.norm_final_attn\.(\w+)", r"mask_decoder.transformer.layer_norm_final_attn.\1"),
         (rf"{d}\.transformer\.(.+)", r"mask_decoder.transformer.\1"),
         (rf"{d}\.output_upscaling\.0\.(\w+)", r"mask_decoder.upscale_conv1.\1"),
         (rf"{d}\.output_upscaling\.1\.(\w+)", r"mask_decoder.upscale_layer_norm.\1"),
         (rf"{d}\.output_upscaling\.3\.(\w+)", r"mask_decoder.upscale_conv2.\1"),
-        (
-            rf"{d}\.output_hypernetworks_mlps\.(\d+)\.layers\.0\.(\w+)",
-            r"mask_decoder.output_hypernetworks_mlps.\1.proj_in.\2",
-        ),
-        (
-            rf"{d}\.output_hypernetworks_mlps\.(\d+)\.layers\.1\.(\w+)",
-            r"mask_decoder.output_hypernetworks_mlps.\1.layers.0.\2",
-        ),
-        (
-            rf"{d}\.output_hypernetworks_mlps\.(\d+)\.layers\.2\.(\w+)",
-            r"mask_decoder.output_hypernetworks_mlps.\1.proj_out.\2",
-        ),
-        *_mlp3(d, "iou_prediction_head", "iou_prediction_head"),
-        *_mlp3(d, "pred_obj_score_head", "pred_obj_score_head"),
+        *_mlp(rf"{d}\.output_hypernetworks_mlps\.(\d+)", r"mask_decoder.output_hypernetworks_mlps.\1", 3),
+        *_mlp(rf"{d}\.iou_prediction_head", "mask_decoder.iou_prediction_head", 3),
+        *_mlp(rf"{d}\.pred_obj_score_head", "mask_decoder.pred_obj_score_head", 3),
         (rf"{d}\.(iou_token|mask_tokens|obj_score_token)\.weight", r"mask_decoder.\1.weight"),
         (rf"{d}\.(conv_s0|conv_s1)\.(\w+)", r"mask_decoder.\1.\2"),
     ]
@@ -130,14 +112,7 @@ SAM2_RULES: Rules = [
     (r"image_encoder\.trunk\.(pos_embed|pos_embed_window)", r"vision_encoder.backbone.\1"),
     (r"image_encoder\.trunk\.patch_embed\.proj\.(\w+)", r"vision_encoder.backbone.patch_embed.projection.\1"),
     (r"image_encoder\.trunk\.blocks\.(\d+)\.norm([12])\.(\w+)", r"vision_encoder.backbone.blocks.\1.layer_norm\2.\3"),
-    (
-        r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.0\.(\w+)",
-        r"vision_encoder.backbone.blocks.\1.mlp.proj_in.\2",
-    ),
-    (
-        r"image_encoder\.trunk\.blocks\.(\d+)\.mlp\.layers\.1\.(\w+)",
-        r"vision_encoder.backbone.blocks.\1.mlp.proj_out.\2",
-    ),
+    *_mlp(r"image_encoder\.trunk\.blocks\.(\d+)\.mlp", r"vision_encoder.backbone.blocks.\1.mlp", 2),
     (r"image_encoder\.trunk\.blocks\.(\d+)\.(attn\..+|proj\.\w+)", r"vision_encoder.backbone.blocks.\1.\2"),
     (r"image_encoder\.neck\.convs\.(\d+)\.conv\.(\w+)", r"vision_encoder.neck.convs.\1.\2"),
     (r"no_mem_embed", "no_memory_embedding"),

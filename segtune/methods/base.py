@@ -123,6 +123,9 @@ class SegmentationModule(LightningModule):
         if self.model is not None:
             return
         model, self.preprocessing, targets = self.load()
+        # from_pretrained returns eval mode; training runs in train mode (Lightning warns otherwise).
+        # TinyViT's BatchNorm keeps the checkpoint's statistics by design (FrozenStatisticsBatchNorm2d).
+        model.train()
         if self.hparams.gradient_checkpointing:
             enable_checkpointing(model)
         if self.hparams.fast_attention:

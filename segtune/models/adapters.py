@@ -116,6 +116,10 @@ def write_preprocessing(folder: str | Path, pre: Preprocessing, model_type: str 
     }
     if not square:
         hf.update(do_pad=True, pad_size={"height": pre.image_size, "width": pre.image_size})
+    if (pre.resample, pre.rescale) != ("bilinear", "fixed"):
+        # What no HF processor does (LiteMedSAM's INTER_AREA resize, per-image min-max): segtune's
+        # own keys, read back by segtune.models.loading.apply_processor_config; HF ignores them.
+        hf["segtune"] = {"resample": pre.resample, "rescale": pre.rescale}
     (folder / "preprocessor_config.json").write_text(json.dumps(hf, indent=2))
 
 

@@ -19,9 +19,18 @@ def _local_status(preset: ModelPreset) -> tuple[str, int | None]:
     if preset.config is not None:
         config, where = preset.config(), "built-in (random)"
     elif preset.folder is not None:
-        if not (Path(preset.folder) / "config.json").is_file():
+        packaged = preset.packaged_file()
+        if (Path(preset.folder) / "config.json").is_file():
+            config, where = AutoConfig.from_pretrained(preset.folder), f"converted ({preset.folder})"
+        elif packaged is not None:
+            from segtune.models.convert import FAMILY, detect_family, read_checkpoint
+
+            state = read_checkpoint(packaged)  # memory-mapped: the shapes, not the weights, are read
+            config, where = FAMILY[detect_family(state)].config(state, None), f"installed package ({packaged})"
+        elif preset.install is not None:
+            return f"not installed (`{preset.install}`)", None
+        else:
             return f"not converted ({preset.folder}; --download {preset.name} says how)", None
-        config, where = AutoConfig.from_pretrained(preset.folder), f"converted ({preset.folder})"
     else:
         cached = try_to_load_from_cache(preset.hub_id, "config.json")
         if not isinstance(cached, str):

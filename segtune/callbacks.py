@@ -224,7 +224,9 @@ class TestReport(Callback):
             pretrained source, untrained: :meth:`~segtune.methods.base.SegmentationModule.untuned`)
             on the same batches, and report it beside the checkpoint, per class, with the paired
             difference and its 95% bootstrap interval over instances. Doubles the test time and
-            holds a second model in memory.
+            holds a second model in memory. On the command line:
+            ``--trainer.callbacks+=segtune.callbacks.TestReport --trainer.callbacks.untuned=true``
+            (of several TestReports, the last one in the list reports; the others do nothing).
     """
 
     def __init__(self, worst_images: int = 4, picture: bool = True, untuned: bool = False) -> None:
@@ -233,11 +235,14 @@ class TestReport(Callback):
         self.untuned = untuned
         self._untuned_model: LightningModule | None = None
         self._rng_before_model: torch.Tensor | None = None
+        self._active = True
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # one report per run: a TestReport added with --trainer.callbacks+= replaces the default one
+        self._active = [c for c in trainer.callbacks if isinstance(c, TestReport)][-1] is self
         # Callbacks are set up right before the module builds its model: the untuned one is built
         # later from this state, so a random preset gets the same weights (LoRA: the same frozen base).
-        self._rng_before_model = torch.get_rng_state() if self.untuned and stage == "test" else None
+        self._rng_before_model = torch.get_rng_state() if self._active and self.untuned and stage == "test" else None
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._rng_before_model is None or self._untuned_model is not None:
@@ -264,7 +269,7 @@ class TestReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not isinstance(outputs, dict) or "scores" not in outputs:
+        if not self._active or not isinstance(outputs, dict) or "scores" not in outputs:
             return
         for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
             classes = batch["category_ids"][i, : len(scores.dice)]
@@ -288,6 +293,8 @@ class TestReport(Callback):
         return sorted(images, key=lambda im: (float(np.mean(im["dice"])), im["file_name"]))[: self.worst_images]
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active:
+            return
         rows = _gather(trainer, self.rows)
         untuned_rows = _gather(trainer, self.untuned_rows) if self._untuned_model is not None else []
         worst = self._worst(_gather(trainer, self.worst)) if self.picture else []

@@ -99,9 +99,10 @@ class UntunedScore(Callback):
         else:
             when = "from this run's first start"
         metrics = self.untuned["metrics"]
+        # the progress bar; already synced, the same on every process (sync_dist: no DDP warning)
         pl_module.log_dict(
             {k: metrics[k] for k in ("untuned_val_dice", "untuned_val_iou") if k in metrics},
-            prog_bar=True, logger=False,
+            prog_bar=True, logger=False, sync_dist=True,
         )  # fmt: skip
         if trainer.is_global_zero:
             shown = ", ".join(f"{k.removeprefix('untuned_')} {metrics[k]:.4f}" for k in sorted(metrics) if "/" not in k)
@@ -110,6 +111,9 @@ class UntunedScore(Callback):
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any] | None:
         """One validation pass of the model as it is now; ``None`` when there is no validation split."""
+        if not hasattr(pl_module, "score"):
+            log.warning("untuned score: %s has no score(batch); not measured", type(pl_module).__name__)
+            return None
         loop = trainer.fit_loop.epoch_loop.val_loop
         if trainer.val_dataloaders is None and trainer.limit_val_batches:
             trainer.validating = True  # as Lightning's fit loop sets its validation data up

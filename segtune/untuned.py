@@ -127,8 +127,11 @@ class UntunedScore(Callback):
         rows: list[dict[str, Any]] = []
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
+        # A loader's iterator draws its seed from the global generator: forked, so the training after this
+        # pass draws the same shuffles, jitters and augmentations as a run without it.
+        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
-            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+            with torch.random.fork_rng(devices=cuda), torch.no_grad(), trainer.precision_plugin.val_step_context():
                 for index, (loader, limit) in enumerate(zip(loaders, trainer.num_val_batches, strict=True)):
                     for batch_idx, batch in enumerate(loader):
                         if batch_idx >= limit:

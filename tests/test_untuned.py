@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from segtune.cli import DEFAULTS
 from segtune.paired import paired_difference, paired_rows
 from tests.conftest import CONFIGS, metrics_rows
 
@@ -116,11 +118,12 @@ def test_fit_scores_the_untuned_model_before_the_first_step_and_a_resume_keeps_i
     assert json.loads((run / "untuned.json").read_text())["untuned"] == pytest.approx(untuned)
 
 
-def test_no_epoch_beating_the_untuned_model_is_one_warning(
-    run_cli, shapes_root: Path, capsys: pytest.CaptureFixture[str]
+def test_no_epoch_beating_the_untuned_model_is_one_warning_and_the_pass_changes_no_training(
+    run_cli, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # lr 0: training changes nothing, so no epoch can beat the untuned model
-    _fit(run_cli, shapes_root, "--trainer.max_epochs", "1", "--model.init_args.lr", "0")
+    common = ["--trainer.max_epochs", "1", "--model.init_args.lr", "0", "--trainer.log_every_n_steps", "1"]
+    _fit(run_cli, shapes_root, *common)
     captured = capsys.readouterr()
     summary = SUMMARY.search(captured.out)
     assert summary and summary[1] == summary[2], captured.out[-2000:]
@@ -129,6 +132,18 @@ def test_no_epoch_beating_the_untuned_model_is_one_warning(
     assert len(warnings) == 1
     assert "lower model.init_args.lr" in warnings[0] and "validation split" in warnings[0]
     assert json.loads(Path("runs/quickstart/version_0/untuned.json").read_text())["improved"] is False
+
+    # the same fit without the untuned pass draws the same prompt jitter: the same training losses
+    callbacks = yaml.safe_load(DEFAULTS.read_text())["trainer"]["callbacks"]
+    without = tmp_path / "without.yaml"
+    without.write_text(
+        yaml.safe_dump({"trainer": {"callbacks": [c for c in callbacks if "Untuned" not in c["class_path"]]}})
+    )
+    _fit(run_cli, shapes_root, *common, "--config", without)
+    losses = [[r["train_loss"] for r in metrics_rows(Path(f"runs/quickstart/version_{i}")) if r.get("train_loss")]
+              for i in (0, 1)]  # fmt: skip
+    assert losses[0] and losses[0] == losses[1]
+    assert not any(r.get("untuned_val_dice") for r in metrics_rows(Path("runs/quickstart/version_1")))
 
 
 # --- test -----------------------------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from peft import PeftModel
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.models.adapters import save_pretrained
-from segtune.reports import coco_results, instance_rows, summarise, summary_table, write_test_report
+from segtune.reports import (
+    coco_results,
+    instance_rows,
+    summarise,
+    summary_table,
+    untuned_summary,
+    untuned_table,
+    write_test_report,
+)
 from segtune.visualise import (
     ScoredImage,
     figure_to_array,
@@ -212,14 +220,44 @@ class TestReport(Callback):
         worst_images: how many of the lowest-Dice images the picture shows (0: the Dice
             distribution alone).
         picture: write ``test_report.png`` (``false``: the json and csv files only).
+        untuned: also score the untuned model (the same method and ``model`` rebuilt from its
+            pretrained source, untrained: :meth:`~segtune.methods.base.SegmentationModule.untuned`)
+            on the same batches, and report it beside the checkpoint, per class, with the paired
+            difference and its 95% bootstrap interval over instances. Doubles the test time and
+            holds a second model in memory. On the command line:
+            ``--trainer.callbacks+=segtune.callbacks.TestReport --trainer.callbacks.untuned=true``
+            (of several TestReports, the last one in the list reports; the others do nothing).
     """
 
-    def __init__(self, worst_images: int = 4, picture: bool = True) -> None:
+    def __init__(self, worst_images: int = 4, picture: bool = True, untuned: bool = False) -> None:
         self.worst_images = worst_images
         self.picture = picture
+        self.untuned = untuned
+        self._untuned_model: LightningModule | None = None
+        self._rng_before_model: torch.Tensor | None = None
+        self._active = True
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # one report per run: a TestReport added with --trainer.callbacks+= replaces the default one
+        self._active = [c for c in trainer.callbacks if isinstance(c, TestReport)][-1] is self
+        # Callbacks are set up right before the module builds its model: the untuned one is built
+        # later from this state, so a random preset gets the same weights (LoRA: the same frozen base).
+        self._rng_before_model = torch.get_rng_state() if self._active and self.untuned and stage == "test" else None
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._rng_before_model is None or self._untuned_model is not None:
+            return
+        if not hasattr(pl_module, "untuned"):
+            log.warning("test report: %s cannot rebuild its untuned model; only the checkpoint is reported",
+                        type(pl_module).__name__)  # fmt: skip
+            return
+        with torch.random.fork_rng(devices=[]):  # the run's own random state is left as it was
+            torch.set_rng_state(self._rng_before_model)
+            self._untuned_model = pl_module.untuned().to(pl_module.device)
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows: list[dict] = []
+        self.untuned_rows: list[dict] = []  # the untuned model's, on the same instances
         self.worst: list[dict[str, Any]] = []  # the worst images so far, with their masks
 
     def on_test_batch_end(
@@ -231,7 +269,7 @@ class TestReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not isinstance(outputs, dict) or "scores" not in outputs:
+        if not self._active or not isinstance(outputs, dict) or "scores" not in outputs:
             return
         for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
             classes = batch["category_ids"][i, : len(scores.dice)]
@@ -240,13 +278,25 @@ class TestReport(Callback):
             )
             if self.picture and self.worst_images and len(scores.dice):
                 self.worst = self._worst([*self.worst, _keep(batch, i, predicted, scores)])
+        if self._untuned_model is not None:
+            with trainer.precision_plugin.test_step_context():
+                _, untuned_predicted, untuned_scores = self._untuned_model.score(batch)
+            for i, (predicted, scores) in enumerate(zip(untuned_predicted, untuned_scores, strict=True)):
+                classes = batch["category_ids"][i, : len(scores.dice)]
+                self.untuned_rows += instance_rows(
+                    batch["image_ids"][i], batch["file_names"][i], scores, classes, predicted.scores,
+                    pl_module.class_names,
+                )  # fmt: skip
 
     def _worst(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Lowest mean instance Dice (the per-image Dice of the report) first; ties by file name.
         return sorted(images, key=lambda im: (float(np.mean(im["dice"])), im["file_name"]))[: self.worst_images]
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active:
+            return
         rows = _gather(trainer, self.rows)
+        untuned_rows = _gather(trainer, self.untuned_rows) if self._untuned_model is not None else []
         worst = self._worst(_gather(trainer, self.worst)) if self.picture else []
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
@@ -254,14 +304,20 @@ class TestReport(Callback):
             log.warning("test report: no instance was scored, nothing written")
             return
         report = summarise(rows)
+        if self._untuned_model is not None:
+            report["untuned"] = untuned_summary(untuned_rows, rows)
         folder = _run_folder(trainer)
         json_path, csv_path = write_test_report(report, folder)
         written = f"{json_path}, {csv_path}"
         if self.picture:
             figure = test_report_figure(rows, [_scored_image(trainer, pl_module, im) for im in worst])
             written += f" and {save_figure(figure, folder / 'test_report.png')}"
-        print(f"\n{summary_table(report)}\nTest report: {written}")
+        table = summary_table(report) + (f"\n\n{untuned_table(report)}" if "untuned" in report else "")
+        print(f"\n{table}\nTest report: {written}")
         self.worst = []
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._untuned_model = None  # a second model's memory, released
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -29,15 +29,23 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from segtune.untuned import UNTUNED_FILE
+
 log = logging.getLogger(__name__)
 
 STATS_FILE = "cell_stats.json"
 RESULT_FILE = "cell.json"
 COLUMNS = [
     "model", "method", "status", "trainable_params", "total_params", "train_time_s", "time_per_step_s",
-    "peak_memory_mb", "memory_kind", "final_train_loss", "best_val_loss", "best_val_dice", "test_dice", "test_iou",
-    "error",
+    "peak_memory_mb", "memory_kind", "final_train_loss", "best_val_loss", "best_val_dice", "val_dice_gain",
+    "val_dice_gain_ci95", "test_dice", "test_iou", "error",
 ]  # fmt: skip
+#: The method name of each model's untuned row. Its ``best_val_dice`` is the validation Dice a fit of
+#: the model measured before its first optimiser step (:mod:`segtune.untuned`); its test Dice comes
+#: from the first cell of the model whose test also scored the untuned model: no run is added for it.
+UNTUNED = "(untuned)"
+#: Added to that one test: the untuned model beside the checkpoint (TestReport's ``untuned``).
+UNTUNED_TEST = ["--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true"]
 #: The quantities ``aggregate.json`` summarises (mean, min, max) over the cells that finished.
 AGGREGATED = ["train_time_s", "time_per_step_s", "peak_memory_mb", "test_dice"]
 
@@ -169,8 +177,11 @@ def _parser_error(stderr: str) -> str:
     return " ".join([lines[start], *detail[:1]])
 
 
-def run_cell(cell: Cell, base_config: Path, overrides: list[str]) -> dict[str, Any]:
-    """Fit then test one cell in child processes; the result row (also written to ``cell.json``)."""
+def run_cell(cell: Cell, base_config: Path, overrides: list[str], untuned_test: bool = False) -> dict[str, Any]:
+    """Fit then test one cell in child processes; the result row (also written to ``cell.json``).
+
+    With ``untuned_test`` the test also scores the untuned model (its Dice goes to the model's untuned row).
+    """
     cell.folder.mkdir(parents=True, exist_ok=True)
     method_args = _method_args(cell.method_config)
     common = ["--config", str(base_config), *method_args, "--model.init_args.model", cell.model, *overrides]
@@ -189,22 +200,60 @@ def run_cell(cell: Cell, base_config: Path, overrides: list[str]) -> dict[str, A
     if fit.returncode != 0 or not best:
         result["error"] = _one_line_error(fit.stderr) if fit.returncode else "fit wrote no best checkpoint"
     else:
+        untuned = UNTUNED_TEST if untuned_test else []
         test = subprocess.run(
-            _segtune("test", *common, *logger, "test", "--ckpt_path", str(best[-1])), capture_output=True, text=True
-        )
+            _segtune("test", *common, *logger, "test", "--ckpt_path", str(best[-1]), *untuned),
+            capture_output=True, text=True,
+        )  # fmt: skip
         (cell.folder / "test.log").write_text(test.stdout + test.stderr)
         if test.returncode != 0:
             result["error"] = _one_line_error(test.stderr)
         else:
             tested = _last_metrics(cell.folder / "test" / "metrics.csv")
             result.update(status="ok", test_dice=tested.get("test_dice"), test_iou=tested.get("test_iou"))
+            report = cell.folder / "test" / "test_metrics.json"
+            side = json.loads(report.read_text()).get("untuned") if untuned_test and report.is_file() else None
+            if side:
+                result.update(untuned_test_dice=side["overall"]["dice"], untuned_test_iou=side["overall"]["iou"])
     stats = fit_dir / STATS_FILE
     if stats.is_file():
         result.update(json.loads(stats.read_text()))
     result["best_val_dice"] = _best(fit_dir / "metrics.csv", "val_dice")
+    result.update(_untuned_scores(fit_dir))
     result["best_val_loss"] = _best(fit_dir / "metrics.csv", "val_loss", min)
     (cell.folder / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _untuned_scores(fit_dir: Path) -> dict[str, Any]:
+    """The untuned validation Dice a cell's fit logged, and the best epoch's paired gain over it with its
+    95% bootstrap interval (from the fit's ``untuned.json``)."""
+    out: dict[str, Any] = {"untuned_val_dice": _best(fit_dir / "metrics.csv", "untuned_val_dice")}
+    path = fit_dir / UNTUNED_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    gain = summary.get("difference", {}).get("overall") if summary.get("monitor") == "val_dice" else None
+    if gain:
+        out["val_dice_gain"] = gain["mean"]
+        out["val_dice_gain_ci95"] = f"[{gain['low']:+.4f}, {gain['high']:+.4f}]"
+    return out
+
+
+def with_untuned_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with an untuned row before each model's cells, from the first of its cells whose fit
+    measured the untuned model (QLoRA's quantised base may differ slightly: its gain is against its own)."""
+    out: list[dict[str, Any]] = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = [r for r in rows if r["model"] == model]
+        val = [r["untuned_val_dice"] for r in cells if r.get("untuned_val_dice") is not None]
+        test = [r for r in cells if r.get("untuned_test_dice") is not None]
+        if val or test:
+            out.append({
+                "model": model, "method": UNTUNED, "status": "ok", "best_val_dice": val[0] if val else None,
+                "test_dice": test[0]["untuned_test_dice"] if test else None,
+                "test_iou": test[0]["untuned_test_iou"] if test else None,
+            })  # fmt: skip
+        out += cells
+    return out
 
 
 def _md_cell(value: Any) -> str:
@@ -216,9 +265,10 @@ def _md_cell(value: Any) -> str:
 
 
 def write_reports(rows: list[dict[str, Any]], folder: Path) -> None:
-    """``report.csv``, ``report.json``, ``report.md``, ``report.png`` (Dice vs peak memory and time)
-    and the aggregate over cells (``aggregate.json``, ``aggregate.md``)."""
-    full = [{c: row.get(c) for c in COLUMNS} for row in rows]
+    """``report.csv``, ``report.json``, ``report.md`` (with each model's untuned row), ``report.png``
+    (Dice vs peak memory and time) and the aggregate over cells (``aggregate.json``, ``aggregate.md``)."""
+    full = [{c: row.get(c) for c in COLUMNS} for row in with_untuned_rows(rows)]
+    cells = [{c: row.get(c) for c in COLUMNS} for row in rows]
     (folder / "report.json").write_text(json.dumps(full, indent=2))
     with open(folder / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -227,10 +277,10 @@ def write_reports(rows: list[dict[str, Any]], folder: Path) -> None:
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_md_cell(r[c]) for c in COLUMNS) + " |" for r in full]
     (folder / "report.md").write_text("# segtune compare\n\n" + "\n".join(md) + "\n")
-    summary = aggregate(full)
+    summary = aggregate(cells)  # over the cells that ran: the untuned rows are no cells
     (folder / "aggregate.json").write_text(json.dumps(summary, indent=2))
     (folder / "aggregate.md").write_text(_aggregate_markdown(summary))
-    plot_report(full, folder / "report.png")
+    plot_report(cells, folder / "report.png")
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -398,7 +448,10 @@ def compare_command(argv: list[str]) -> int:
             print(f"{c.model} / {c.method}: done, skipped")
             continue
         print(f"{c.model} / {c.method}: running", flush=True)
-        row = run_cell(c, base, overrides)
+        # one test per model also scores the untuned model, until one has
+        done = [rows.get(o.folder.name) or _result(o) for o in all_cells if o.model == c.model and o is not c]
+        untuned_test = not any(r and r.get("untuned_test_dice") is not None for r in done)
+        row = run_cell(c, base, overrides, untuned_test)
         print(f"{c.model} / {c.method}: {row['status']} {row.get('error') or ''}".rstrip(), flush=True)
         rows[c.folder.name] = row
     # The reports cover every cell of the config that has a result, also those a filter left out now.

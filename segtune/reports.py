@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from segtune.paired import format_interval, paired_rows
 from segtune.postprocess import InstanceScores
 
 
@@ -102,6 +103,37 @@ def summary_table(report: dict[str, Any], worst: int = 3) -> str:
     scored = [r for r in report["per_image"] if r["dice"] is not None]
     for image in sorted(scored, key=lambda r: r["dice"])[:worst]:
         lines.append(line(f"worst: {image['file_name']}", image))
+    return "\n".join(lines)
+
+
+def untuned_summary(untuned: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> dict[str, Any]:
+    """The untuned model's overall and per-class means on the same instances as ``tuned``, and the paired
+    difference (checkpoint minus untuned) of Dice and IoU with its 95% bootstrap interval, overall and per class."""
+    report = summarise(untuned)
+    return {
+        "overall": report["overall"],
+        "per_class": report["per_class"],
+        "difference": {score: paired_rows(untuned, tuned, score) for score in ("dice", "iou")},
+        "per_instance": untuned,
+    }
+
+
+def untuned_table(report: dict[str, Any]) -> str:
+    """The untuned model beside the checkpoint: Dice of each, and the paired difference [95% CI]."""
+    untuned, difference = report["untuned"], report["untuned"]["difference"]["dice"]
+    lines = [f"{'untuned vs checkpoint':<24} {'instances':>9} {'untuned':>8} {'tuned':>7}  dice difference [95% CI]"]
+
+    def line(name: str, before: dict[str, Any], after: dict[str, Any], paired: dict[str, Any] | None) -> str:
+        a, b = (f"{s['dice']:.4f}" if s.get("dice") is not None else "-" for s in (before, after))
+        count = paired["instances"] if paired else 0
+        return f"{name[:24]:<24} {count:>9} {a:>8} {b:>7}  {format_interval(paired)}"
+
+    lines.append(line("all", untuned["overall"], report["overall"], difference["overall"]))
+    if len(report["per_class"]) > 1:
+        lines += [
+            line(name, untuned["per_class"].get(name, {}), s, difference["per_class"].get(name))
+            for name, s in report["per_class"].items()
+        ]
     return "\n".join(lines)
 
 

@@ -37,7 +37,8 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
                     "full": {"class_path": "segtune.methods.FullFinetune", "init_args": {"lr": 0.0005}},
                 },
                 "overrides": ["--trainer.limit_train_batches", "2"],
-            }
+            },
+            sort_keys=False,  # the methods in this order: lora is each model's first cell
         )
     )
     args = ["--config", str(config), "--epochs", "1", "--data.root", str(shapes_root)]
@@ -46,7 +47,8 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
     assert listed.count("to run") == 4
 
     assert _compare(*args) == 1  # one cell failed
-    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    everything = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    report = [r for r in everything if r["method"] != "(untuned)"]
     by_cell = {(r["model"], r["method"]): r for r in report}
     assert set(by_cell) == {(m, k) for m in ("sam-tiny", "sam3tracker-tiny") for k in ("lora", "full")}
     failed = by_cell[("sam3tracker-tiny", "lora")]
@@ -80,6 +82,21 @@ def test_matrix_reports_match_the_cells_and_a_failure_is_isolated(
         assert column in header
         assert column in (tmp_path / "cmp" / "report.md").read_text()
     assert (tmp_path / "cmp" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # an untuned row before each model's cells: validation Dice from its fits (measured before the first
+    # step), test Dice from the one test of the model that also scored the untuned model
+    untuned = {r["model"]: r for r in everything if r["method"] == "(untuned)"}
+    assert [r["method"] for r in everything][:3] == ["(untuned)", "lora", "full"]
+    for model, first in (("sam-tiny", "lora"), ("sam3tracker-tiny", "full")):  # sam3tracker's LoRA cell failed
+        fit = tmp_path / "cmp" / f"{model}__{first}" / "fit"
+        logged = next(float(r["untuned_val_dice"]) for r in metrics_rows(fit) if r.get("untuned_val_dice"))
+        assert untuned[model]["best_val_dice"] == pytest.approx(logged)
+        side = json.loads((fit.parent / "test" / "test_metrics.json").read_text())["untuned"]["overall"]
+        assert (untuned[model]["test_dice"], untuned[model]["test_iou"]) == pytest.approx((side["dice"], side["iou"]))
+        gain = json.loads((fit / "untuned.json").read_text())["difference"]["overall"]
+        assert by_cell[(model, first)]["val_dice_gain"] == pytest.approx(gain["mean"])
+        assert by_cell[(model, first)]["val_dice_gain_ci95"] == f"[{gain['low']:+.4f}, {gain['high']:+.4f}]"
+    assert "untuned" not in json.loads((tmp_path / "cmp" / "sam-tiny__full" / "test" / "test_metrics.json").read_text())
+    assert "(untuned)" in (tmp_path / "cmp" / "report.md").read_text()
     # the aggregate over cells: success rate, spread of time, memory and Dice, each cell's best val loss
     aggregate = json.loads((tmp_path / "cmp" / "aggregate.json").read_text())
     ok = [r for r in report if r["status"] == "ok"]

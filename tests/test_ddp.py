@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segtune.data.synthetic import write_shapes_coco
-from tests.conftest import CONFIGS, last_metrics, segtune_script
+from tests.conftest import CONFIGS, last_metrics, metrics_rows, segtune_script
 
 
 def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
@@ -26,11 +26,15 @@ def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-3000:]
     best = next((tmp_path / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+    # the untuned model is scored once (synced), logged once and summed up by one process
+    assert fit.stdout.count("untuned val_dice") == 1, fit.stdout[-2000:]
+    assert sum(bool(r.get("untuned_val_dice")) for r in metrics_rows(tmp_path / "runs/quickstart/version_0")) == 1
+    untuned = ["--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true"]
 
-    two = subprocess.run([segtune, "test", *common, *ddp, "--ckpt_path", str(best)], cwd=tmp_path,
+    two = subprocess.run([segtune, "test", *common, *ddp, "--ckpt_path", str(best), *untuned], cwd=tmp_path,
                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([segtune, "test", *common, "--trainer.devices", "1", "--ckpt_path", str(best)],
+    one = subprocess.run([segtune, "test", *common, "--trainer.devices", "1", "--ckpt_path", str(best), *untuned],
                          cwd=tmp_path, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     in_two, in_one = (
@@ -43,6 +47,11 @@ def test_ddp_two_processes_fit_and_test_like_one(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "runs/quickstart/version_1/test_metrics.json").read_text())
     assert len(report["per_image"]) == 5  # every test image once, from both processes
+    # the untuned model beside the checkpoint: rebuilt in each process, its instances gathered once
+    alone = json.loads((tmp_path / "runs/quickstart/version_2/test_metrics.json").read_text())["untuned"]
+    assert len(report["untuned"]["per_instance"]) == len(report["per_instance"])
+    assert report["untuned"]["overall"] == pytest.approx(alone["overall"])
+    assert report["untuned"]["difference"]["dice"]["overall"] == pytest.approx(alone["difference"]["dice"]["overall"])
 
 
 def test_ddp_with_parameters_without_gradient_stops_in_one_line(tmp_path: Path) -> None:

@@ -67,6 +67,11 @@ def _fit(run_cli, root: Path, name: str, *extra: str) -> Path:
     return Path("runs") / name / "version_0" / "metrics.csv"
 
 
+def _untuned(metrics: Path) -> list[float]:
+    with open(metrics) as f:
+        return [float(r["untuned_val_dice"]) for r in csv.DictReader(f) if r.get("untuned_val_dice")]
+
+
 def _losses(metrics: Path) -> dict[tuple[str, str], float]:
     with open(metrics) as f:
         return {(r["step"], k): float(r[k]) for r in csv.DictReader(f) for k in ("train_loss", "val_loss") if r[k]}
@@ -74,15 +79,19 @@ def _losses(metrics: Path) -> dict[tuple[str, str], float]:
 
 # --- through the CLI ---------------------------------------------------------------------------------
 def test_cached_fit_has_the_same_losses_and_encodes_each_image_once(run_cli, shapes_root: Path) -> None:
-    # 8 train + 4 validation images, 2 epochs: 24 encoder passes without the cache, 12 with it (Sam2's
+    # 8 train + 4 validation images, 2 epochs, and the untuned model's validation pass before the first step
+    # (segtune.untuned): 28 encoder passes without the cache, 12 with it, the untuned pass filling the cache
+    # the first validation epoch reads (the encoder is frozen, so those embeddings are still valid; Sam2's
     # path through the cache is checked, bit for bit, by test_cached_encoder_output_gives_the_same_...).
     # The quickstart's box_jitter stays on: prompt jitter is allowed with the cache.
-    encoded, losses = {}, {}
+    encoded, losses, untuned = {}, {}, {}
     for mode in ("off", "memory", "disk", "disk-again"):
         with count_encoded_images() as seen:
             metrics = _fit(run_cli, shapes_root, mode, "--model.init_args.embedding_cache", mode.removesuffix("-again"))
-        encoded[mode], losses[mode] = seen[0], _losses(metrics)
-    assert encoded == {"off": 24, "memory": 12, "disk": 12, "disk-again": 0}
+        encoded[mode], losses[mode], untuned[mode] = seen[0], _losses(metrics), _untuned(metrics)
+    assert encoded == {"off": 28, "memory": 12, "disk": 12, "disk-again": 0}
+    assert len(untuned["off"]) == 1
+    assert all(u == pytest.approx(untuned["off"], abs=1e-6) for u in untuned.values()), untuned
     assert len(losses["off"]) == 2 + 2  # 1 step and 1 validation per epoch
     for mode in ("memory", "disk", "disk-again"):
         assert losses[mode].keys() == losses["off"].keys()

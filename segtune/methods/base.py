@@ -28,7 +28,7 @@ from segtune.models.adapters import freeze_unreached
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
-from segtune.postprocess import EmptyTarget, ImagePrediction, predictions, score_batch
+from segtune.postprocess import EmptyTarget, ImagePrediction, InstanceScores, predictions, score_batch
 from segtune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -187,12 +187,32 @@ class SegmentationModule(LightningModule):
             return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
         return None  # Lightning skips the optimiser step
 
-    def _evaluate(self, batch: Batch, stage: str) -> dict[str, list]:
+    def score(self, batch: Batch) -> tuple[Any, list[ImagePrediction], list[InstanceScores]]:
+        """The model's output, masks and per-instance scores for an evaluation batch; nothing logged.
+
+        The one path from a batch to scores: validation, test and the untuned model's scores
+        (:mod:`segtune.untuned`) all go through it.
+        """
         out = self(batch)
+        predicted = predictions(out, batch, self.preprocessing)
+        return out, predicted, score_batch(predicted, batch, self.hparams.empty_target)
+
+    def untuned(self) -> SegmentationModule:
+        """The same method and ``model`` rebuilt from its pretrained source, with no training, in eval mode.
+
+        LoRA and QLoRA get fresh adapters, which start as the identity (their ``B`` is zero), so the
+        model is the base's; full fine-tunes get the pretrained weights. ``self`` is not touched.
+        """
+        args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path
+        module = type(self)(**args, amg=self.amg)
+        module.configure_model()
+        module.class_names = list(self.class_names)
+        return module.eval()
+
+    def _evaluate(self, batch: Batch, stage: str) -> dict[str, list]:
+        out, predicted, scores = self.score(batch)
         n = len(batch["image_ids"])
         self.log(f"{stage}_loss", self._loss(out, batch)["loss"], batch_size=n, sync_dist=True)
-        predicted = predictions(out, batch, self.preprocessing)
-        scores = score_batch(predicted, batch, self.hparams.empty_target)
         metrics, empty = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_empty")
         for i, image_scores in enumerate(scores):
             metrics.update(image_scores.as_dict(), batch["category_ids"][i, : len(image_scores.dice)])

@@ -26,6 +26,7 @@ from peft import PeftModel
 
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
+from segtune.files import read_checkpoint_file
 from segtune.models.adapters import save_pretrained
 from segtune.reports import coco_results, instance_rows, summarise, summary_table, write_test_report
 from segtune.visualise import (
@@ -397,11 +398,18 @@ class SaveConfig(SaveConfigCallback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside it and rename it into place.
+    """Write each checkpoint to a temporary file beside it and rename it into place; load in one line.
 
     A process killed while saving (``kill -9``, out of memory, a lost node) leaves the previous
-    file intact rather than a truncated one that cannot resume.
+    file intact rather than a truncated one that cannot resume. A checkpoint that cannot be loaded
+    (damaged, not a checkpoint, pickled objects) stops with one line naming it
+    (:func:`segtune.files.read_checkpoint_file`), whichever command loads it.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():  # a remote (fsspec) path: Lightning's own loading
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return read_checkpoint_file(path, weights_only=weights_only is not False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)

@@ -265,6 +265,12 @@ class TestReport(Callback):
         self.worst = []
 
 
+def _imwrite(path: Path, image: np.ndarray) -> None:
+    """``cv2.imwrite`` that fails in one line naming the file (OpenCV only returns False: a silent loss)."""
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"{path}: could not be written (disk full, or a folder that cannot be written?)")
+
+
 class PredictionWriter(BasePredictionWriter):
     """``segtune predict``: per image a mask PNG (instance ``i`` stored as ``i + 1``) and an overlay
     JPEG (contours, class names, predicted IoU); for all images one ``predictions.json`` in COCO
@@ -305,14 +311,14 @@ class PredictionWriter(BasePredictionWriter):
             given = predicted.classes if predicted.classes is not None else batch["category_ids"][i, : len(masks)]
             classes = given.tolist()
             stem = Path(batch["file_names"][i]).stem
-            cv2.imwrite(str(self.folder / "masks" / f"{stem}.png"), instance_index_mask(masks, scores))
+            _imwrite(self.folder / "masks" / f"{stem}.png", instance_index_mask(masks, scores))
             if self.overlays:
                 image = _original_image(trainer, batch["image_paths"][i])
                 named = [f"{names[c]} " if 0 <= c < len(names) else "" for c in classes]  # -1: no class
                 labels = [f"{name}{s:.2f}" for name, s in zip(named, scores, strict=True)]
                 classless = all(c < 0 for c in classes)  # automatic masks: a colour per mask
                 drawn = overlay(image, masks, labels, colours=None if classless else classes)
-                cv2.imwrite(str(self.folder / "overlays" / f"{stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                _imwrite(self.folder / "overlays" / f"{stem}.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             ids = [dataset.category_id(c) if hasattr(dataset, "category_id") else c + 1 for c in classes]
             self.results += coco_results(batch["image_ids"][i], masks, scores, ids)
 

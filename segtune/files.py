@@ -24,16 +24,11 @@ import torch
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [ln.strip() for ln in _ANSI.sub("", str(error)).splitlines() if ln.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def _pickled(error: BaseException) -> str:
-    """What torch's weights-only refusal objects to (``Unsupported global: GLOBAL datetime.datetime``)."""
-    text = _ANSI.sub("", str(error))
-    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please |\n|$)", text)
-    return found.group(1).strip().rstrip(".") if found else _first_line(error)
+def _pickled(error: BaseException) -> str | None:
+    """What torch's weights-only refusal objects to (``Unsupported global: GLOBAL datetime.datetime``), or
+    None when the refusal is of bytes that are no pickle at all (a text file: ``Unsupported operand``)."""
+    found = re.search(r"(Unsupported global: [^ ]+ [^ ]+)", _ANSI.sub("", str(error)))
+    return found.group(1) if found else None
 
 
 def read_checkpoint_file(path: str | Path, weights_only: bool = True) -> Any:
@@ -63,8 +58,10 @@ def read_checkpoint_file(path: str | Path, weights_only: bool = True) -> Any:
             # file fails again below
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        if "eights only load failed" not in str(e):
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        if _pickled(e) is None:
+            raise ValueError(
+                f"{path}: not a readable PyTorch checkpoint (damaged, truncated or another kind of file)"
+            ) from None
         raise ValueError(
             f"{path}: holds pickled Python objects beyond tensors and plain values ({_pickled(e)}); segtune loads "
             "checkpoints weights-only and never runs code from a file: re-save it with tensors and plain values only"

@@ -26,6 +26,7 @@ from peft import PeftModel
 
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
+from segtune.files import read_checkpoint_file
 from segtune.models.adapters import save_pretrained
 from segtune.reports import (
     coco_results,
@@ -320,6 +321,12 @@ class TestReport(Callback):
         self._untuned_model = None  # a second model's memory, released
 
 
+def _imwrite(path: Path, image: np.ndarray) -> None:
+    """``cv2.imwrite`` that fails in one line naming the file (OpenCV only returns False: a silent loss)."""
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"{path}: could not be written (disk full, or a folder that cannot be written?)")
+
+
 class PredictionWriter(BasePredictionWriter):
     """``segtune predict``: per image a mask PNG (instance ``i`` stored as ``i + 1``) and an overlay
     JPEG (contours, class names, predicted IoU); for all images one ``predictions.json`` in COCO
@@ -360,14 +367,14 @@ class PredictionWriter(BasePredictionWriter):
             given = predicted.classes if predicted.classes is not None else batch["category_ids"][i, : len(masks)]
             classes = given.tolist()
             stem = Path(batch["file_names"][i]).stem
-            cv2.imwrite(str(self.folder / "masks" / f"{stem}.png"), instance_index_mask(masks, scores))
+            _imwrite(self.folder / "masks" / f"{stem}.png", instance_index_mask(masks, scores))
             if self.overlays:
                 image = _original_image(trainer, batch["image_paths"][i])
                 named = [f"{names[c]} " if 0 <= c < len(names) else "" for c in classes]  # -1: no class
                 labels = [f"{name}{s:.2f}" for name, s in zip(named, scores, strict=True)]
                 classless = all(c < 0 for c in classes)  # automatic masks: a colour per mask
                 drawn = overlay(image, masks, labels, colours=None if classless else classes)
-                cv2.imwrite(str(self.folder / "overlays" / f"{stem}.jpg"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                _imwrite(self.folder / "overlays" / f"{stem}.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             ids = [dataset.category_id(c) if hasattr(dataset, "category_id") else c + 1 for c in classes]
             self.results += coco_results(batch["image_ids"][i], masks, scores, ids)
 
@@ -453,11 +460,18 @@ class SaveConfig(SaveConfigCallback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside it and rename it into place.
+    """Write each checkpoint to a temporary file beside it and rename it into place; load in one line.
 
     A process killed while saving (``kill -9``, out of memory, a lost node) leaves the previous
-    file intact rather than a truncated one that cannot resume.
+    file intact rather than a truncated one that cannot resume. A checkpoint that cannot be loaded
+    (damaged, not a checkpoint, pickled objects) stops with one line naming it
+    (:func:`segtune.files.read_checkpoint_file`), whichever command loads it.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():  # a remote (fsspec) path: Lightning's own loading
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return read_checkpoint_file(path, weights_only=weights_only is not False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)

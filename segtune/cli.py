@@ -27,6 +27,7 @@ from segtune.callbacks import SaveConfig
 from segtune.compare import compare_command
 from segtune.data.datamodule import SegmentationDataModule
 from segtune.export import export_command
+from segtune.files import read_checkpoint_file
 from segtune.methods.base import SegmentationModule
 from segtune.models.command import models_command
 from segtune.models.convert import convert_command
@@ -41,6 +42,10 @@ DESCRIPTION = (
 #: The base config every Trainer subcommand starts from.
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: ``--ckpt_path`` values Lightning resolves itself (not file names).
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+#: The first line of jsonargparse's error for a value no type of a union accepts; the real message follows.
+UNION_ERROR = "Does not validate against any of the Union subtypes"
 
 # What bad input raises: files and folders (missing, unreadable, unwritable), values (a json, an
 # image, a mask, a config value), a model that cannot be found, a non-finite loss, a checkpoint
@@ -87,6 +92,16 @@ class SegtuneCLI(LightningCLI):
             self._missing_models[model] = e
             return None
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here with a bare torch.load: a damaged, empty or
+        # foreign file stops first in one line naming it, before any run folder is made.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else {}
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:
+            read_checkpoint_file(ckpt_path, weights_only=bool(config.get("weights_only", True)))
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         model = config["model"]["init_args"]["model"]
@@ -95,6 +110,8 @@ class SegtuneCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             resume_in_place(config)
         trainer = config["trainer"]
+        if self.subcommand == "fit":
+            check_trains_something(trainer)
         if trainer.get("precision") is None:
             trainer["precision"], why = default_precision(trainer.get("accelerator"))
             log.info("precision %s (%s; trainer.precision sets another)", trainer["precision"], why)
@@ -117,10 +134,10 @@ def main(args: list[str] | None = None) -> None:
         "compare": compare_command,
         "convert": convert_command,
     }
-    if argv and argv[0] in commands:
-        raise SystemExit(commands[argv[0]](argv[1:]))
-    _show_segtune_logs()
     try:
+        if argv and argv[0] in commands:
+            raise SystemExit(commands[argv[0]](argv[1:]))
+        _show_segtune_logs()
         SegtuneCLI(
             SegmentationModule,
             SegmentationDataModule,
@@ -156,11 +173,32 @@ def main(args: list[str] | None = None) -> None:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line; a DataLoader worker's error keeps only the original message."""
+    """The message of ``error`` on one line.
+
+    A DataLoader worker's error keeps only the original message; jsonargparse's error for a value
+    that no type of a union accepts (a class whose ``__init__`` refused its arguments, a dataclass
+    whose check failed) keeps the message of the type that was meant, not the list of types tried.
+    """
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
         return lines[-1]  # "ValueError: <file>: <what is wrong>", the last line of the worker's traceback
+    if lines and lines[0].startswith(UNION_ERROR):
+        # "Errors:" then one "- <message>" per subtype tried; NoneType's ("Expected a <class 'NoneType'>") is noise
+        tried = [ln[2:] for ln in lines if ln.startswith("- ") and "NoneType" not in ln]
+        if tried:
+            return tried[0]
     return lines[0] if lines else type(error).__name__
+
+
+def check_trains_something(trainer: dict[str, Any]) -> None:
+    """Refuse a ``fit`` whose trainer settings run no training step (it would write no checkpoint, silently).
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if trainer.get(key) == 0:
+            raise ValueError(f"trainer.{key} is 0: fit would train nothing and write no checkpoint; set 1 or more")
 
 
 def check_writable(folder: Path) -> None:

@@ -101,12 +101,12 @@ def _load_compare_config(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"segtune compare: {path}: config not found") from None
+        raise FileNotFoundError(f"{path}: compare config not found") from None
     except yaml.YAMLError as e:
-        raise SystemExit(f"segtune compare: {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     missing = [k for k in ("base_config", "models", "methods") if k not in (config or {})]
     if missing:
-        raise SystemExit(f"segtune compare: {path}: missing {', '.join(missing)}")
+        raise ValueError(f"{path}: missing {', '.join(missing)}")
     return config
 
 
@@ -165,6 +165,21 @@ def check_fit_arguments(base_config: Path, methods: dict[str, dict[str, Any]], o
         if code not in (0, None):
             return f"method {name}: {_parser_error(err.getvalue())}"
     return None
+
+
+def check_models(models: list[str], config: Path) -> None:
+    """Resolve every model of the comparison (preset, folder or hub id) before any cell runs.
+
+    Raises:
+        ValueError: naming the config and the first model that cannot be found.
+    """
+    from segtune.models.loading import ModelNotFoundError, preprocessing_for
+
+    for model in models:
+        try:
+            preprocessing_for(model)
+        except ModelNotFoundError as e:
+            raise ValueError(f"{config}: models: {e}") from None
 
 
 def _parser_error(stderr: str) -> str:
@@ -398,7 +413,11 @@ def _select(names: list[str], wanted: list[str] | None, what: str, config: Path)
 
 
 def compare_command(argv: list[str]) -> int:
-    """Run (or list, with ``--dry-run``) the cells of a comparison and write its reports."""
+    """Run (or list, with ``--dry-run``) the cells of a comparison and write its reports.
+
+    Every cell's arguments and model are checked before any cell runs (also with ``--dry-run``);
+    bad input raises one line (``OSError``, ``ValueError``) that ``segtune``'s main prints.
+    """
     parser = argparse.ArgumentParser(
         prog="segtune compare",
         description="Compare model presets x methods. Other --key value arguments go to every cell's fit and test.",
@@ -420,12 +439,8 @@ def compare_command(argv: list[str]) -> int:
         overrides += ["--trainer.max_epochs", str(args.epochs)]
     if args.data_root:
         overrides += ["--data.init_args.root", args.data_root]
-    try:
-        models = _select(list(config["models"]), args.models, "model", args.config)
-        methods = _select(list(config["methods"]), args.methods, "method", args.config)
-    except ValueError as e:
-        print(f"segtune compare: {e}", file=sys.stderr)
-        return 2
+    models = _select(list(config["models"]), args.models, "model", args.config)
+    methods = _select(list(config["methods"]), args.methods, "method", args.config)
     all_cells = [
         Cell(model, name, method, folder / f"{model}__{name}")
         for model in config["models"]
@@ -435,8 +450,8 @@ def compare_command(argv: list[str]) -> int:
     # An argument fit does not know would fail every cell, one after the other: refuse it here, once.
     error = check_fit_arguments(base, {m: config["methods"][m] for m in methods}, overrides)
     if error:
-        print(f"segtune compare: an argument for the cells is not one of segtune fit's: {error}", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.config}: an argument for the cells is not one of segtune fit's: {error}")
+    check_models(models, args.config)  # a misspelled model would fail its cells after the others trained
     if args.dry_run:
         for c in cells:
             print(f"{c.model:<24} {c.method:<12} {'done' if c.finished else 'to run'}  {c.folder}")

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
+from segtune.files import read_checkpoint_file
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,14 @@ def resume_in_place(config: Any) -> None:
     Args:
         config: the subcommand's parsed config (``ckpt_path`` and ``trainer.logger`` are changed).
 
+    The checkpoint is read before anything else happens: a damaged one (a killed copy, a full disk)
+    stops the run in one line naming it and what else there is to resume from, with every file of
+    the run folder as it was (Lightning would otherwise rewrite ``config.yaml`` and ``metrics.csv``
+    before it finds the damage).
+
     Raises:
         FileNotFoundError: naming the folder when there is no ``last.ckpt`` to resume from.
+        ValueError: naming the newest ``last.ckpt`` when it cannot be read.
     """
     logger = config["trainer"]["logger"]
     init = logger.get("init_args", {}) if hasattr(logger, "get") else {}
@@ -40,6 +48,16 @@ def resume_in_place(config: Any) -> None:
     candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise FileNotFoundError(f"{root}: no version_*/checkpoints/last.ckpt to resume from (--ckpt_path last)")
+    try:
+        read_checkpoint_file(candidates[-1], weights_only=bool(config.get("weights_only", True)))
+    except ValueError as e:
+        others = sorted(candidates[-1].parent.glob("best-*.ckpt")) + candidates[-2::-1]
+        instead = (
+            f"; resume from another with --ckpt_path, e.g. {', '.join(map(str, others[:3]))} (a new run folder)"
+            if others
+            else "; no other checkpoint of this config to resume from"
+        )
+        raise ValueError(f"{e}. Nothing was changed{instead}") from None
     config["ckpt_path"] = str(candidates[-1])
     logger["init_args"]["version"] = candidates[-1].parents[1].name
     log.info("resuming %s in %s", candidates[-1], candidates[-1].parents[1])

@@ -335,7 +335,7 @@ def test_converted_mobilesam_fits_exports_and_reloads(run_cli, shapes_root: Path
 # --- bad input: one line naming the file ------------------------------------------------------------
 def test_bad_checkpoints_are_one_line(tmp_path: Path, capsys) -> None:
     assert main_convert("--checkpoint", tmp_path / "nope.pth", "--output", tmp_path / "out") == 1
-    assert capsys.readouterr().err.strip() == f"segtune convert: {tmp_path / 'nope.pth'}: checkpoint not found"
+    assert capsys.readouterr().err.strip().startswith(f"segtune: error: {tmp_path / 'nope.pth'}: checkpoint not found")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     assert main_convert("--checkpoint", tmp_path / "text.pth", "--output", tmp_path / "out") == 1
     assert "text.pth: not a readable PyTorch checkpoint" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,70 @@ from segtune.data.images import image_files
 from segtune.data.records import ImageRecord, RecordSet
 
 log = logging.getLogger(__name__)
+
+
+def _entries(json_path: Path, image_dir: Path, data: dict) -> list[tuple[Path, object]]:
+    """Each image of ``image_dir`` with its json entry (by file name or stem, any case; None when absent).
+
+    Keys that name no image are logged; when no key names one, nothing would be prompted.
+
+    Raises:
+        ValueError: naming the json and the folder when none of its keys names an image there.
+    """
+    by_key = {k.lower(): v for k, v in data.items()}
+    paths = image_files(image_dir)
+    used: set[str] = set()
+    pairs = []
+    for path in paths:
+        key = path.name.lower() if path.name.lower() in by_key else path.stem.lower()
+        if key in by_key:
+            used.add(key)
+        pairs.append((path, by_key.get(key)))
+    unknown = [k for k in data if k.lower() not in used]
+    if unknown and not used:
+        raise ValueError(
+            f"{json_path}: none of its {len(data)} entries names an image in {image_dir} (e.g. {unknown[0]!r}; "
+            f"the folder has {', '.join(p.name for p in paths[:3]) or 'no image'}): keys are file names or stems"
+        )
+    if unknown:
+        log.warning(
+            "%s: %d entries name no image in %s and are ignored (e.g. %s)",
+            json_path, len(unknown), image_dir, ", ".join(map(repr, unknown[:3])),
+        )  # fmt: skip
+    return pairs
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header when Pillow reads it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:  # a format only OpenCV reads: decode it (read_image names the file if it cannot)
+        from segtune.data.images import read_image
+
+        return read_image(path).shape[:2]
+
+
+def _check_coordinates(json_path: Path, path: Path, item: object, xs: list[float], ys: list[float], what: str) -> None:
+    """Refuse prompt coordinates that are not finite, negative, or that place a prompt outside the image.
+
+    Raises:
+        ValueError: naming the file, the entry and the image's size.
+    """
+    values = [*xs, *ys]
+    problem = None
+    if not all(math.isfinite(v) for v in values):
+        problem = "has a coordinate that is not a finite number"
+    elif min(values) < 0:
+        problem = "has a negative coordinate"
+    else:
+        height, width = _image_size(path)
+        if min(xs) >= width or min(ys) >= height:
+            problem = f"lies outside the {width}x{height} image"
+    if problem:
+        raise ValueError(f"{json_path}: entry {path.stem!r}: {item!r} {problem}; {what} are in the image's pixels")
 
 
 def boxes_records(json_path: Path, image_dir: Path, class_names: list[str], data: dict | None = None) -> RecordSet:
@@ -26,10 +91,8 @@ def boxes_records(json_path: Path, image_dir: Path, class_names: list[str], data
         ValueError: naming the file and the entry when a box is malformed.
     """
     data = read_json(json_path) if data is None else data
-    by_key = {k.lower(): v for k, v in data.items()}
     records, unprompted = [], 0
-    for i, path in enumerate(image_files(image_dir)):
-        entry = by_key.get(path.name.lower(), by_key.get(path.stem.lower()))
+    for i, (path, entry) in enumerate(_entries(json_path, image_dir, data)):
         boxes, classes = [], []
         items = entry.get("bbox", []) if isinstance(entry, dict) else entry or []
         for item in items:
@@ -40,6 +103,7 @@ def boxes_records(json_path: Path, image_dir: Path, class_names: list[str], data
                 box = []
             if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
                 raise ValueError(f"{json_path}: entry {path.stem!r}: {item!r} is not an [x0, y0, x1, y1] box")
+            _check_coordinates(json_path, path, item, box[0::2], box[1::2], "boxes [x0, y0, x1, y1]")
             boxes.append(box)
             label = item.get("label") if isinstance(item, dict) else None
             classes.append(class_names.index(label) if label in class_names else 0)
@@ -72,11 +136,11 @@ def points_records(json_path: Path, image_dir: Path, data: dict | None = None) -
         ValueError: naming the file and the entry when a point is malformed.
     """
     data = read_json(json_path) if data is None else data
-    by_key = {k.lower(): v for k, v in data.items()}
-    paths = image_files(image_dir)
+    entries = _entries(json_path, image_dir, data)
+    paths = [path for path, _ in entries]
     objects_per_image: list[list[list[list[float]]]] = []
-    for path in paths:
-        entry = by_key.get(path.name.lower(), by_key.get(path.stem.lower())) or []
+    for path, entry in entries:
+        entry = entry or []
         if not isinstance(entry, list):
             raise ValueError(f"{json_path}: entry {path.stem!r}: expected a list of [x, y, label] points")
         nested = bool(entry) and isinstance(entry[0], list) and bool(entry[0]) and isinstance(entry[0][0], list)
@@ -93,6 +157,8 @@ def points_records(json_path: Path, image_dir: Path, data: dict | None = None) -
                 raise ValueError(
                     f"{json_path}: entry {path.stem!r}: {points!r} is not a list of [x, y, label] points (label 1 or 0)"
                 )
+            for row in rows:
+                _check_coordinates(json_path, path, row, [row[0]], [row[1]], "points [x, y, label]")
             parsed.append(rows)
         objects_per_image.append(parsed)
     longest = max((len(o) for objects in objects_per_image for o in objects), default=1)

@@ -7,11 +7,12 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 
-from segtune.data.images import FolderIndex
+from segtune.data.images import FolderIndex, check_name
 from segtune.data.records import ImageRecord, RecordSet
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,14 @@ def load_coco(json_path: Path, dataset: dict | None = None) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise ValueError(f"{json_path}: not a COCO instances file (missing {', '.join(missing)})")
+    ids: dict[Any, str] = {}
+    for img in dataset["images"]:  # two images of one id would each get both images' annotations
+        other = ids.setdefault(img.get("id"), img.get("file_name"))
+        if other != img.get("file_name"):
+            raise ValueError(
+                f"{json_path}: images {other} and {img.get('file_name')} have the same id {img.get('id')}; "
+                "image ids must be unique (annotations find their image by id)"
+            )
     kept = []
     for ann in dataset["annotations"]:
         problem = annotation_problem(ann)
@@ -100,19 +109,39 @@ def coco_records(coco: COCO, json_path: Path, image_dir: Path, class_names: list
     name_to_index = {n: i for i, n in enumerate(class_names)}
     id_to_index = {c["id"]: name_to_index.get(c["name"]) for c in coco.dataset["categories"]}
     files = FolderIndex(image_dir)
-    records, dropped, outside = [], 0, []
+    records, dropped, outside, unknown = [], 0, [], {}
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    unselected: set[str] = set()
     for img in coco.dataset["images"]:
         height, width = int(img["height"]), int(img["width"])
         anns = []
         for a in coco.imgToAnns.get(img["id"], []):
-            if id_to_index.get(a["category_id"]) is None:
+            if a["category_id"] not in id_to_index:
+                unknown.setdefault(a["category_id"], []).append(a.get("id"))
+            elif id_to_index[a["category_id"]] is None:
                 dropped += 1
+                unselected.add(str(names[a["category_id"]]))
             elif not _inside(a["segmentation"], height, width):
                 outside.append(a.get("id"))
             else:
                 anns.append({**a, "class_index": id_to_index[a["category_id"]]})
-        records.append(ImageRecord(img["id"], files.resolve(img["file_name"]), height, width, anns))
+        path = files.resolve(img["file_name"])
+        check_name(path)
+        records.append(ImageRecord(img["id"], path, height, width, anns))
     files.report_case_fixes()
+    if unknown:
+        skipped = [i for ann_ids in unknown.values() for i in ann_ids]
+        log.warning(
+            "%s: %d annotations have a category_id that is not in the json's categories and are skipped: "
+            "category ids %s (annotation ids %s); the categories are %s",
+            json_path, len(skipped), sorted(unknown, key=str)[:10], skipped[:10],
+            names,
+        )  # fmt: skip
+    if dropped:
+        log.info(
+            "%s: %d annotations of categories %s ignored: not among the classes %s (data.init_args.categories)",
+            json_path, dropped, sorted(unselected), class_names,
+        )  # fmt: skip
     if outside:
         log.warning(
             "%s: %d annotations lie outside their image (or their RLE has another size) and are skipped: ids %s",
@@ -134,6 +163,40 @@ def _inside(segmentation: list | dict, height: int, width: int) -> bool:
     return bool(xs.max() > 0 and ys.max() > 0 and xs.min() < width and ys.min() < height)
 
 
+def _rle_counts(counts: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``)."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(counts[position]) - 48
+            value |= (c & 0x1F) << 5 * shift
+            more = bool(c & 0x20)
+            position += 1
+            shift += 1
+            if not more and c & 0x10:
+                value |= -1 << 5 * shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _rle_problem(rle: dict) -> str | None:
+    """Why an RLE cannot be decoded as it says, or None: run lengths must sum to height x width
+    (pycocotools decodes other sums from uninitialised memory: a different mask on every read)."""
+    try:
+        height, width = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        runs = _rle_counts(counts) if isinstance(counts, str) else [int(v) for v in counts]
+    except (TypeError, ValueError, IndexError):
+        return "RLE counts/size that are not numbers (or a COCO RLE string)"
+    if any(r < 0 for r in runs) or sum(runs) != height * width:
+        return f"RLE counts sum to {sum(runs)}, not height x width = {height * width}"
+    return None
+
+
 def annotation_problem(ann: dict) -> str | None:
     """Why an annotation cannot give a mask, or None when it can.
 
@@ -142,9 +205,14 @@ def annotation_problem(ann: dict) -> str | None:
     """
     seg = ann.get("segmentation")
     if isinstance(seg, dict):
-        return None if "counts" in seg and "size" in seg else "RLE without counts/size"
+        if "counts" not in seg or "size" not in seg:
+            return "RLE without counts/size"
+        return _rle_problem(seg)
     if not seg:
         return "empty segmentation"
+    odd = [len(p) for p in seg if len(p) % 2]
+    if odd:  # x, y pairs shifted by one: the polygon would train as another shape
+        return f"a polygon has an odd number of coordinates ({odd[0]}): x, y pairs expected"
     polys = [p for p in seg if len(p) >= 6]
     if not polys:
         return "no polygon with 3 or more points"

@@ -20,7 +20,7 @@ from segtune.data.images import image_files
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.labelme import LabelMeFile, labelme_class_names, labelme_files, labelme_records
 from segtune.data.layouts import Layout, detect_layout
-from segtune.data.masks import MaskFormat, compile_pair_key, index_values, pair_images_and_masks
+from segtune.data.masks import MaskFormat, compile_pair_key, has_foreground, index_values, pair_images_and_masks
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord, RecordSet
 from segtune.data.synthetic import write_shapes_coco
@@ -136,7 +136,9 @@ class SegmentationDataModule(LightningDataModule):
         self.pair_key = pair_key
         self.mask_format = mask_format
         if len(split_fractions) != 3 or min(split_fractions) < 0 or not 0.99 <= sum(split_fractions) <= 1.01:
-            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+            raise ValueError(
+                f"data.init_args.split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}"
+            )
         self.split_fractions = tuple(split_fractions)
         self.intensity = intensity
         self.predict_images = Path(predict_images) if predict_images else None
@@ -249,9 +251,7 @@ class SegmentationDataModule(LightningDataModule):
         else:
             json_path = self._coco_json(stage)
             image_dir = json_path.parent if self.layout == "roboflow" else self.root / self.image_dir
-            found = coco_records(load_coco(json_path), json_path, image_dir, self.class_names)
-            if found.dropped:
-                log.info("%s: %d annotations of unselected categories ignored", json_path, found.dropped)
+            found = coco_records(load_coco(json_path), json_path, image_dir, self.class_names)  # logs what it drops
         if self._split_by_file(stage):
             found.records = self._take_split(found.records, stage)
         return found
@@ -308,12 +308,35 @@ class SegmentationDataModule(LightningDataModule):
             )  # fmt: skip
         if not records:
             raise ValueError(f"{self.root}: split {self.splits[stage]!r} has no image with an instance")
+        if stage != "predict":
+            self._check_some_mask_has_foreground(records, stage)
         train = stage == "fit"
         augment = A.Compose(self.augmentations) if train and self.augmentations else None
         return InstanceDataset(
             records, self.preprocessing, self.prompts, train, augment, self.seed, self.intensity, found.category_ids,
             cache_images=self.cache_images,
         )  # fmt: skip
+
+    def _check_some_mask_has_foreground(self, records: list[ImageRecord], stage: str) -> None:
+        """Refuse a split whose mask files are all empty (it would train on nothing and score 0, silently).
+
+        Reads masks only until one holds an instance: the first, in a dataset that is fine.
+
+        Raises:
+            ValueError: naming the split's mask folder and the mask format.
+        """
+        masks = [r for r in records if r.mask_path is not None]
+        if not masks or len(masks) < len(records):
+            return
+        if any(has_foreground(r.mask_path, r.mask_format or self.mask_format) for r in masks):
+            return
+        fmt = self.mask_format
+        level = f"above {fmt.threshold} (0/1 masks: above 0)" if fmt.kind == "binary" else "above 0"
+        raise ValueError(
+            f"{masks[0].mask_path.parent}: every one of the {len(masks)} mask files of split "
+            f"{self.splits[stage]!r} is empty (no pixel {level}): check the masks, or "
+            "data.init_args.mask_format (kind, threshold)"
+        )
 
     def setup(self, stage: str) -> None:
         """Read the splits that ``stage`` needs."""

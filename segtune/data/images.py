@@ -9,6 +9,7 @@ indices (the class values) instead of being expanded to colours.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -95,7 +96,23 @@ def image_files(folder: Path) -> list[Path]:
     """The image files of ``folder`` (supported suffixes, any case), sorted by name."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in files:
+        check_name(path)
+    return files
+
+
+def check_name(path: Path) -> None:
+    """Refuse a file name that is not valid UTF-8: reports, json and csv files could not name it.
+
+    Raises:
+        ValueError: naming the file (its undecodable bytes written as ``\\xNN``).
+    """
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ValueError(f"{shown}: the file name is not valid UTF-8; rename the file (e.g. to ASCII)") from None
 
 
 def _cv2_read(path: Path) -> np.ndarray | None:

@@ -38,10 +38,14 @@ class IntensityPolicy:
 
     def __post_init__(self) -> None:
         if self.mode == "window" and (self.window is None or not self.window[1] > self.window[0]):
-            raise ValueError(f"intensity mode 'window' needs window: [low, high] with high > low, got {self.window}")
+            raise ValueError(
+                f"data.init_args.intensity: mode 'window' needs window: [low, high] with high > low, got {self.window}"
+            )
         low, high = self.percentiles
         if not 0 <= low < high <= 100:
-            raise ValueError(f"intensity percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+            raise ValueError(
+                f"data.init_args.intensity: percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}"
+            )
 
 
 def _three_channels(image: np.ndarray, path: Path | str) -> np.ndarray:

@@ -38,9 +38,43 @@ class MaskFormat:
     min_area: int = 16
 
 
-def _grey(mask: np.ndarray) -> np.ndarray:
-    # Colour masks (a JPEG saved in RGB) carry the same value in every channel, up to compression.
-    return mask.max(axis=2) if mask.ndim == 3 else mask
+#: A pixel whose channels differ by more than this is coloured (JPEG keeps a grey mask's channels within a few levels).
+COLOUR_SPREAD = 48
+
+
+def _grey(mask: np.ndarray, path: Path) -> np.ndarray:
+    """One channel from a mask file; a mask in colour is refused.
+
+    A grey mask saved in RGB (a JPEG) carries the same value in every channel, up to compression. A
+    mask whose colours differ (red and green instances, a dark blue class) cannot be read as one
+    channel: its brightest channel would drop dark colours and merge colours of the same brightness.
+    segtune refuses it rather than guess what each colour means.
+
+    Raises:
+        ValueError: naming the file when its pixels are coloured.
+    """
+    if mask.ndim != 3:
+        return mask
+    channels = mask[:, :, :3].astype(np.int32)
+    coloured = int(((channels.max(axis=2) - channels.min(axis=2)) > COLOUR_SPREAD).sum())
+    if coloured >= 16:  # a few JPEG fringe pixels are not colours
+        raise ValueError(
+            f"{path}: a colour mask ({coloured} coloured pixels); segtune reads masks of one channel: "
+            "save it as grayscale, 0/255 for one class (mask_format.kind: binary) or value v for class v "
+            "(mask_format.kind: index), e.g. one value per colour"
+        )
+    return mask.max(axis=2)
+
+
+def _foreground_values(mask: np.ndarray, fmt: MaskFormat) -> np.ndarray:
+    """``[H, W]`` bool: the pixels of a binary mask that are foreground."""
+    return mask > (0 if mask.max() <= 1 else fmt.threshold)
+
+
+def has_foreground(path: Path, fmt: MaskFormat) -> bool:
+    """Whether a mask file holds any instance pixel (binary: above the threshold; index: any value > 0)."""
+    mask = _grey(read_mask(path), path)
+    return bool(_foreground_values(mask, fmt).any() if fmt.kind == "binary" else (mask > 0).any())
 
 
 def read_instances(path: Path, fmt: MaskFormat, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
@@ -54,11 +88,11 @@ def read_instances(path: Path, fmt: MaskFormat, size: tuple[int, int]) -> tuple[
     Raises:
         ValueError: naming the file, when the mask's size differs from the image's.
     """
-    mask = _grey(read_mask(path))
+    mask = _grey(read_mask(path), path)
     if mask.shape[:2] != tuple(size):
         raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {size[1]}x{size[0]}")
     if fmt.kind == "binary":
-        semantic = [(mask > (0 if mask.max() <= 1 else fmt.threshold), 0)]
+        semantic = [(_foreground_values(mask, fmt), 0)]
     else:
         semantic = [(mask == v, int(v) - 1) for v in np.unique(mask) if v > 0]
     masks: list[np.ndarray] = []
@@ -82,7 +116,7 @@ def index_values(mask_paths: list[Path]) -> list[int]:
     """The distinct non-zero values of index masks (to name classes when the config does not)."""
     values: set[int] = set()
     for path in mask_paths:
-        values.update(int(v) for v in np.unique(_grey(read_mask(path))) if v > 0)
+        values.update(int(v) for v in np.unique(_grey(read_mask(path), path)) if v > 0)
     return sorted(values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +31,23 @@ class PromptConfig:
     positive_points: int = 1
     negative_points: int = 0
     max_instances: int = 8
+
+    def __post_init__(self) -> None:
+        # each of these would train without a word: no prompt at all, or no jitter where some was asked for
+        checks = (
+            ("max_instances", self.max_instances >= 1, ">= 1 (0 gives no prompt: the loss would be 0 every step)"),
+            ("box_jitter", self.box_jitter >= 0 and math.isfinite(self.box_jitter), ">= 0 (0 disables it)"),
+            ("positive_points", self.positive_points >= 0, ">= 0"),
+            ("negative_points", self.negative_points >= 0, ">= 0"),
+        )
+        for key, ok, need in checks:
+            if not ok:
+                raise ValueError(f"data.init_args.prompts.{key} must be {need}, got {getattr(self, key)}")
+        if self.uses_points and self.positive_points + self.negative_points == 0:
+            raise ValueError(
+                f"data.init_args.prompts: kind {self.kind!r} with positive_points and negative_points 0 gives "
+                "no point: set positive_points: 1 or more"
+            )
 
     @property
     def uses_boxes(self) -> bool:

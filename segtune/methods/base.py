@@ -22,6 +22,7 @@ from segtune.amg import AutoMaskConfig, AutoMaskGenerator
 from segtune.data.batch import Batch
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
+from segtune.files import read_checkpoint_file
 from segtune.loss import SamLoss
 from segtune.metrics import EmptyPredictions, segmentation_metrics
 from segtune.models.adapters import freeze_unreached
@@ -95,6 +96,14 @@ class SegmentationModule(LightningModule):
         amg: AutoMaskConfig = DEFAULT_AMG,
     ) -> None:
         super().__init__()
+        # AdamW would find these only after the run folder is made, in a message that names no option
+        for key, value, ok, need in (
+            ("lr", lr, lr > 0, "> 0"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"model.init_args.{key} must be {need}, got {value}")
         # amg is how predict runs, not part of the trained model: a checkpoint does not carry it
         self.save_hyperparameters(ignore=["amg"])
         self.amg = amg
@@ -341,7 +350,8 @@ def load_method(ckpt_path: str | Path) -> SegmentationModule:
     Raises:
         ValueError: the checkpoint names no segtune method.
     """
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    checkpoint = read_checkpoint_file(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     module_path, _, name = str(hparams.get("_class_path", "")).rpartition(".")
     cls = getattr(sys.modules.get(module_path), name, None)
     if not (isinstance(cls, type) and issubclass(cls, SegmentationModule)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -49,21 +48,18 @@ def models_command(argv: list[str]) -> int:
     if args.download:
         preset = PRESETS.get(args.download)
         if preset is not None and preset.folder is not None:
-            print(f"segtune models: {args.download} is published as a native checkpoint: {preset.convert_hint()}")
-            return 2
+            raise ValueError(f"--download {args.download}: published as a native checkpoint: {preset.convert_hint()}")
         if preset is None or preset.hub_id is None:
             known = ", ".join(n for n, p in PRESETS.items() if p.hub_id)
-            print(
-                f"segtune models: {args.download!r} is not a downloadable preset (choose from {known})", file=sys.stderr
-            )
-            return 2
+            raise ValueError(f"--download: {args.download!r} is not a downloadable preset (choose from {known})")
         from huggingface_hub import snapshot_download
 
         try:
             path = snapshot_download(preset.hub_id)
         except Exception as e:  # no network, unknown repo, no disk: one line, not a traceback
-            print(f"segtune models: could not download {preset.hub_id}: {str(e).splitlines()[0]}", file=sys.stderr)
-            return 1
+            raise ValueError(
+                f"could not download {preset.hub_id}: {(str(e).splitlines() or [type(e).__name__])[0]}"
+            ) from None
         print(f"{args.download}: {preset.hub_id} -> {path}")
         return 0
     rows = [("name", "class", "hub id", "params", "input", "local")]

@@ -33,7 +33,6 @@ import argparse
 import logging
 import math
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, Sam2Config, SamConfig
 
+from segtune.files import check_output_folder, output_folder, read_checkpoint_file
 from segtune.models.mobilesam import MobileSamConfig, MobileSamVisionConfig
 from segtune.models.presets import LITEMEDSAM_PREPROCESSING
 from segtune.preprocessing import Preprocessing, family_preprocessing
@@ -388,15 +388,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         ConversionError: naming the file when it is missing, not a torch file, or holds no tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: checkpoint not found")
     try:
-        try:  # memory-mapped: a ViT-H file is not read into memory twice
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files in torch's legacy (pre-1.6) format cannot be mapped
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or pickled objects beyond tensors and plain values
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        data = read_checkpoint_file(path)  # memory-mapped: a ViT-H file is not read into memory twice
+    except (OSError, ValueError) as e:  # missing, not a torch file, or pickled objects beyond tensors
+        raise ConversionError(str(e)) from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
@@ -609,22 +604,41 @@ def convert_command(argv: list[str]) -> int:
     parser.add_argument(
         "--image-size", type=int, help="input side for SAM2 and MobileSAM (default 1024) and LiteMedSAM (default 256)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="write into an --output folder that already holds files (the files it writes are replaced, others stay)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     pre = None
     if args.preprocessing is not None:
         if args.preprocessing not in PRESETS:
-            print(f"segtune convert: unknown preset {args.preprocessing!r} (see `segtune models`)", file=sys.stderr)
-            return 2
+            raise ValueError(f"--preprocessing: unknown preset {args.preprocessing!r} (see `segtune models`)")
         pre = PRESETS[args.preprocessing].preprocessing
+    output = Path(args.output)
+    check_output_folder(output, args.overwrite)  # before the checkpoint is read: a refusal costs nothing
     try:
-        model, pre, family = convert(args.checkpoint, args.output, args.family, pre, args.image_size)
+        with output_folder(output, args.overwrite) as scratch:
+            model, pre, family = convert(args.checkpoint, scratch, args.family, pre, args.image_size)
         what = describe(read_checkpoint(args.checkpoint), family)
-    except ConversionError as e:
-        print(f"segtune convert: {e}", file=sys.stderr)
-        return 1
+    except ConversionError:
+        if _is_lightning_checkpoint(Path(args.checkpoint)):
+            raise ConversionError(
+                f"{args.checkpoint}: a checkpoint written by segtune fit, not a native one: "
+                "`segtune export --ckpt_path FILE --output DIR [--merge]` writes its model folder"
+            ) from None
+        raise
     params = sum(p.numel() for p in model.parameters())
     print(
         f"{what} -> {type(model).__name__} ({params / 1e6:.1f}M parameters, {pre.image_size} px {pre.resize}) "
-        f"written to {args.output}"
+        f"written to {output}"
     )
     return 0
+
+
+def _is_lightning_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a Lightning checkpoint (its weights under ``state_dict``, with the version that wrote it)."""
+    try:
+        data = read_checkpoint_file(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "state_dict" in data and "pytorch-lightning_version" in data

@@ -62,7 +62,11 @@ def datamodule(root: Path, **kwargs) -> SegmentationDataModule:
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
 def test_geometry_survives_read_and_write(suffix: str, tmp_path: Path) -> None:
     image, label = phantom()
-    case = VolumeCase("c", write_case(tmp_path / f"image{suffix}", image), write_case(tmp_path / f"label{suffix}", label))
+    image_path, label_path = (
+        write_case(tmp_path / f"image{suffix}", image),
+        write_case(tmp_path / f"label{suffix}", label),
+    )
+    case = VolumeCase("c", image_path, label_path)
     volume = read_volume(case, [1, 2])
     assert volume.geometry.spacing == pytest.approx(SPACING) and volume.geometry.origin == pytest.approx(ORIGIN)
     assert np.array_equal(volume.label, label)
@@ -91,7 +95,8 @@ def test_intensity_is_one_scale_per_volume() -> None:
     volume = np.stack([np.full((4, 4), 100.0), np.full((4, 4), 200.0), np.linspace(0, 1000, 16).reshape(4, 4)])
     scaled = volume_to_model_range(volume.astype(np.float32), IntensityPolicy("minmax"))
     assert scaled[0].max() == pytest.approx(0.1) and scaled[1].max() == pytest.approx(0.2)  # not each slice 0..1
-    ct = volume_to_model_range(np.array([[[-1000.0, 40.0, 240.0, 900.0]]]), IntensityPolicy("window", window="soft_tissue"))
+    hounsfield = np.array([[[-1000.0, 40.0, 240.0, 900.0]]])
+    ct = volume_to_model_range(hounsfield, IntensityPolicy("window", window="soft_tissue"))
     assert ct.ravel() == pytest.approx([0.0, 0.5, 1.0, 1.0])
     with pytest.raises(ValueError, match="not one of soft_tissue"):
         IntensityPolicy("window", window="liverish")
@@ -116,7 +121,10 @@ def test_decathlon_folder_trains_by_slices(tmp_path: Path) -> None:
     k = int(np.argmax((label == 2).sum(axis=(1, 2))))
     sample = by_key[f"z={k}"]
     assert sorted(sample["category_ids"].tolist()) == [0, 1] and sample["original_size"] == (40, 48)
-    assert all(np.array_equal(m.numpy(), label[k] == c + 1) for m, c in zip(sample["masks"], sample["category_ids"]))
+    assert all(
+        np.array_equal(m.numpy(), label[k] == c + 1)
+        for m, c in zip(sample["masks"], sample["category_ids"], strict=True)
+    )
     blank = [s for s in samples if not s["masks"].any()]
     assert len(blank) == 2 * round(0.5 * empty) and all(len(s["input_boxes"]) for s in blank)  # prompted, empty target
     dm.setup("test")

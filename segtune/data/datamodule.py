@@ -65,7 +65,8 @@ class SegmentationDataModule(LightningDataModule):
         test_split: the held-out split ``segtune test`` scores, as ``train_split``.
         predict_split: the split ``segtune predict`` runs over when ``predict_images`` is not set.
         categories: class names in class-index order. Volumes: the names of label values 1, 2, ...
-            (or of ``dataset.json``'s values), replacing ``dataset.json``'s names. COCO: the categories to train on (``None``:
+            (or of ``dataset.json``'s values), replacing ``dataset.json``'s names. COCO: the
+            categories to train on (``None``:
             every category except Roboflow's unused parent; categories sharing a name merge).
             Index masks: the name of pixel value ``i + 1`` is ``categories[i]``. Binary masks: the
             one class's name.

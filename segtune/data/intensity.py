@@ -52,7 +52,8 @@ class IntensityPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.window, str):
             if self.window not in WINDOWS:
-                raise ValueError(f"intensity window {self.window!r} is not one of {', '.join(WINDOWS)}; or give [low, high]")
+                names = ", ".join(WINDOWS)
+                raise ValueError(f"intensity window {self.window!r} is not one of {names}; or give [low, high]")
             object.__setattr__(self, "window", WINDOWS[self.window])
         if self.mode == "window" and (self.window is None or not self.window[1] > self.window[0]):
             raise ValueError(f"intensity mode 'window' needs window: [low, high] with high > low, got {self.window}")

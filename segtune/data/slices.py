@@ -77,7 +77,9 @@ class VolumeOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.empty_slices <= 1:
-            raise ValueError(f"data.init_args.volumes.empty_slices must be a fraction in [0, 1], got {self.empty_slices}")
+            raise ValueError(
+                f"data.init_args.volumes.empty_slices must be a fraction in [0, 1], got {self.empty_slices}"
+            )
 
     def slice_axis(self, geometry: Geometry) -> int:
         """The array axis slices are cut across, for a case of ``geometry``."""
@@ -248,9 +250,7 @@ class SliceDataset(InstanceDataset):
         return sample
 
 
-def _slice_records(
-    store: VolumeStore, values: list[int], options: VolumeOptions, seed: int
-) -> list[SliceRecord]:
+def _slice_records(store: VolumeStore, values: list[int], options: VolumeOptions, seed: int) -> list[SliceRecord]:
     """Every slice with foreground of every case, and the ``empty_slices`` fraction of those without."""
     records: list[SliceRecord] = []
     for case in range(len(store)):
@@ -338,8 +338,8 @@ def read_volume_prompts(path: Path, class_values: list[int]) -> dict[str, list[d
                 points and all(len(p) == 3 for p in points)
             ):
                 raise ValueError(
-                    f"{path}: entry {name!r}: {entry!r} is not {{\"slice\": k, \"box\": [x0, y0, x1, y1], \"label\": v}} "
-                    "(or \"points\": [[x, y, 1], ...])"
+                    f"{path}: entry {name!r}: {entry!r} is not "
+                    '{"slice": k, "box": [x0, y0, x1, y1], "label": v} (or "points": [[x, y, 1], ...])'
                 )
             parsed.append({"slice": k, "box": box, "points": points, "label": label})
         key = case_name(Path(name)).lower()

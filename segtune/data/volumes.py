@@ -166,11 +166,13 @@ def find_volume_layout(root: Path, splits: list[str], image_dir: str = "images",
         return VolumeLayout("decathlon", f"imagesTr/, labelsTr/{has_json}")
     label_dir = _label_dir(root, image_dir, mask_dir)
     if label_dir:
-        return VolumeLayout("folders", f"{image_dir}/ and {label_dir}/ of volumes (split by case)", image_dir, label_dir)
+        found = f"{image_dir}/ and {label_dir}/ of volumes (split by case)"
+        return VolumeLayout("folders", found, image_dir, label_dir)
     for split in dict.fromkeys(splits):
         label_dir = _label_dir(root / split, image_dir, mask_dir)
         if label_dir:
-            return VolumeLayout("folders", f"{image_dir}/ and {label_dir}/ of volumes in {split}/", image_dir, label_dir)
+            found = f"{image_dir}/ and {label_dir}/ of volumes in {split}/"
+            return VolumeLayout("folders", found, image_dir, label_dir)
     if any(p.suffix.lower() == ".npz" for p in root.glob("*.npz")):
         return VolumeLayout("npz", "MedSAM2 npz files (split by case)")
     if any(any((root / s).glob("*.npz")) for s in dict.fromkeys(splits) if (root / s).is_dir()):
@@ -268,12 +270,14 @@ def _read_npz(path: Path, with_label: bool) -> Volume:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("imgs", "spacing") if k not in data.files]
             if missing:
-                raise ValueError(f"{path}: not a MedSAM2 npz (no {', '.join(missing)}; it holds {', '.join(data.files)})")
+                held = ", ".join(data.files)
+                raise ValueError(f"{path}: not a MedSAM2 npz (no {', '.join(missing)}; it holds {held})")
             image = data["imgs"]
             label = data["gts"] if with_label and "gts" in data.files else None
             spacing = tuple(float(v) for v in data["spacing"])  # (x, y, z), as SimpleITK: the reverse of imgs' axes
             origin = tuple(float(v) for v in data["origin"]) if "origin" in data.files else (0.0, 0.0, 0.0)
-            direction = tuple(float(v) for v in data["direction"]) if "direction" in data.files else Geometry((1,) * 3).direction
+            identity = Geometry((1.0, 1.0, 1.0)).direction
+            direction = tuple(float(v) for v in data["direction"]) if "direction" in data.files else identity
     except (OSError, EOFError, ValueError) as e:
         if str(e).startswith(str(path)):
             raise

@@ -27,7 +27,7 @@ from peft import PeftModel
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.models.adapters import save_pretrained
-from segtune.reports import coco_results, instance_rows, summarise, summary_table, write_test_report
+from segtune.reports import IMAGE_SCORES, coco_results, instance_rows, summarise, summary_table, write_test_report
 from segtune.visualise import (
     ScoredImage,
     figure_to_array,
@@ -221,6 +221,7 @@ class TestReport(Callback):
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows: list[dict] = []
         self.worst: list[dict[str, Any]] = []  # the worst images so far, with their masks
+        self.layout: tuple[tuple[str, ...], str] = (IMAGE_SCORES, "image")  # the rows' scores and unit
 
     def on_test_batch_end(
         self,
@@ -231,6 +232,10 @@ class TestReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if isinstance(outputs, dict) and "report_rows" in outputs:  # rows made by the step (volumes: per case)
+            self.rows += outputs["report_rows"]
+            self.layout = (tuple(outputs["report_scores"]), outputs["report_unit"])
+            return
         if not isinstance(outputs, dict) or "scores" not in outputs:
             return
         for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
@@ -253,11 +258,11 @@ class TestReport(Callback):
         if not rows:
             log.warning("test report: no instance was scored, nothing written")
             return
-        report = summarise(rows)
+        report = summarise(rows, *self.layout)
         folder = _run_folder(trainer)
         json_path, csv_path = write_test_report(report, folder)
         written = f"{json_path}, {csv_path}"
-        if self.picture:
+        if self.picture and self.layout[1] == "image":  # its distributions are of instance Dice
             figure = test_report_figure(rows, [_scored_image(trainer, pl_module, im) for im in worst])
             written += f" and {save_figure(figure, folder / 'test_report.png')}"
         print(f"\n{summary_table(report)}\nTest report: {written}")

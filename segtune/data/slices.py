@@ -275,6 +275,24 @@ def _slice_records(store: VolumeStore, values: list[int], options: VolumeOptions
     return records
 
 
+class Cases:
+    """The cases of a batch: a plain container Lightning's device transfer leaves as it is (it would
+    walk into the cases' dataclasses; their arrays stay on the host until a slice is run).
+
+    Args:
+        items: the :class:`VolumeCaseDataset` items.
+    """
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class VolumeCaseDataset(Dataset):
     """Whole cases, one item each (validation, test, predict), as plain dicts that Lightning leaves alone.
 
@@ -294,7 +312,7 @@ class VolumeCaseDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         volume = self.store.get(index)
-        item: dict[str, Any] = {"index": index, "volume": volume, "values": self.values}
+        item: dict[str, Any] = {"index": index, "volume": volume, "values": self.values, "options": self.store.options}
         if self.prompts is not None:
             item["prompts"] = self.prompts.get(volume.case.name.lower(), [])
         return item
@@ -303,7 +321,7 @@ class VolumeCaseDataset(Dataset):
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         """A batch of cases: ``volumes`` (the items), ``image_ids`` and ``file_names`` (case names)."""
         return {
-            "volumes": items,
+            "volumes": Cases(items),
             "image_ids": [it["index"] for it in items],
             "file_names": [it["volume"].case.name for it in items],
         }

@@ -106,21 +106,34 @@ def propagate(
 ) -> np.ndarray:
     """One object's ``(S, H, W)`` bool prediction, prompted with ``prompt`` on slice ``start`` and followed
     both ways with the previous slice's predicted box (grown by ``box_margin``) until it vanishes."""
-    out = np.zeros(shape, bool)
-    first = predict([start], [prompt])[0]
-    if first.sum() < scoring.min_pixels:
-        return out
-    out[start] = first
+    return propagate_all(predict, shape, [start], [prompt], scoring)[0]
+
+
+def propagate_all(
+    predict: SlicePredictor, shape: tuple[int, int, int], starts: Sequence[int], prompts: Sequence[np.ndarray],
+    scoring: VolumeScoring,
+) -> list[np.ndarray]:  # fmt: skip
+    """:func:`propagate` for several objects at once: every object and direction advances one slice per
+    model call, so a call carries up to two prompts per object (each object's result is the same as alone)."""
+    outs = [np.zeros(shape, bool) for _ in starts]
+    firsts = predict(list(starts), list(prompts)) if len(starts) else []
+    # (object, next slice, direction, its previous slice's prediction)
+    active = []
+    for i, (k, mask) in enumerate(zip(starts, firsts, strict=True)):
+        if mask.sum() >= scoring.min_pixels:
+            outs[i][k] = mask
+            active += [(i, k + step, step, mask) for step in (1, -1)]
     size = shape[1:]
-    for step in (1, -1):
-        previous, k = first, start + step
-        while 0 <= k < shape[0]:
-            mask = predict([k], [grow_box(mask_to_box(previous), scoring.box_margin, size)])[0]
-            if mask.sum() < scoring.min_pixels:
-                break
-            out[k] = mask
-            previous, k = mask, k + step
-    return out
+    while active := [a for a in active if 0 <= a[1] < shape[0]]:
+        boxes = [grow_box(mask_to_box(previous), scoring.box_margin, size) for _, _, _, previous in active]
+        masks = predict([k for _, k, _, _ in active], boxes)
+        going = []
+        for (i, k, step, _), mask in zip(active, masks, strict=True):
+            if mask.sum() >= scoring.min_pixels:  # vanished: this object stops in this direction
+                outs[i][k] = mask
+                going.append((i, k + step, step, mask))
+        active = going
+    return outs
 
 
 def paint(objects: Sequence[tuple[int, np.ndarray]], values: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
@@ -229,11 +242,11 @@ def score_case(
     label = volume.label
     assert label is not None
     predict = slice_predictor(module, volume, scoring.slice_batch)
-    objects = []
-    for cls, mask in volume_objects(label, values, options):
-        k = middle_slice(mask)
-        objects.append((cls, propagate(predict, label.shape, k, mask_to_box(mask[k]), scoring)))
-    predicted = paint(objects, values, label.shape)
+    found = volume_objects(label, values, options)
+    starts = [middle_slice(mask) for _, mask in found]
+    boxes = [mask_to_box(mask[k]) for (_, mask), k in zip(found, starts, strict=True)]
+    followed = propagate_all(predict, label.shape, starts, boxes, scoring)
+    predicted = paint([(cls, m) for (cls, _), m in zip(found, followed, strict=True)], values, label.shape)
     volume_scores = class_scores(predicted, label, values, volume.spacing, scoring.tolerance_mm, empty_target)
     slice_means = _slice_scores(predict, label, values, options, empty_target) if scoring.slice_scores else {}
     rows = []
@@ -266,7 +279,10 @@ def _slice_scores(
     out = {}
     for cls in sorted(set(classes)):
         picked = torch.tensor([c == cls for c in classes])
-        out[cls] = {"slice_dice": float(scores.dice[picked].nanmean()), "box_dice": float(scores.box_dice[picked].nanmean())}
+        out[cls] = {
+            "slice_dice": float(scores.dice[picked].nanmean()),
+            "box_dice": float(scores.box_dice[picked].nanmean()),
+        }
     return out
 
 
@@ -323,16 +339,20 @@ def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction
         predict = slice_predictor(module, volume, scoring.slice_batch)
         shape = tuple(volume.image.shape)
         values = sorted({p["label"] for p in item["prompts"]} | set(item["values"]))
-        objects = []
         for prompt in item["prompts"]:
-            k = prompt["slice"]
-            if not 0 <= k < shape[0]:
+            if not 0 <= prompt["slice"] < shape[0]:
                 raise ValueError(
-                    f"{volume.case.image}: prompt on slice {k}, but the volume has {shape[0]} slices along "
-                    f"{volume.axis_name} (data.init_args.volumes.axis)"
+                    f"{volume.case.image}: prompt on slice {prompt['slice']}, but the volume has {shape[0]} slices "
+                    f"along {volume.axis_name} (data.init_args.volumes.axis)"
                 )
-            given = np.asarray(prompt["box"], np.float32) if prompt["box"] is not None else np.asarray(prompt["points"])
-            objects.append((values.index(prompt["label"]), propagate(predict, shape, k, given, scoring)))  # type: ignore[arg-type]
+        # boxes first, then points: one kind of prompt per model call
+        ordered = sorted(item["prompts"], key=lambda p: p["box"] is None)
+        objects = []
+        for kind in (True, False):
+            group = [p for p in ordered if (p["box"] is not None) == kind]
+            given = [np.asarray(p["box"] if kind else p["points"], np.float32) for p in group]
+            followed = propagate_all(predict, shape, [p["slice"] for p in group], given, scoring)  # type: ignore[arg-type]
+            objects += [(values.index(p["label"]), m) for p, m in zip(group, followed, strict=True)]
         painted = paint(objects, values, shape)
         out.append(VolumePrediction(volume, volume.to_original(painted), painted))
     return out

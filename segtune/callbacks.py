@@ -38,6 +38,7 @@ from segtune.visualise import (
     to_uint8_rgb,
     validation_grid,
 )
+from segtune.volume_output import write_prediction
 
 log = logging.getLogger(__name__)
 
@@ -297,11 +298,15 @@ class PredictionWriter(BasePredictionWriter):
         if self.overlays:
             (self.folder / "overlays").mkdir(exist_ok=True)
         self.results: list[dict] = []
+        self.volumes: list[Path] = []
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
+        if "volumes" in batch:  # whole cases: label volumes with their source's geometry, and montages
+            self.volumes += [write_prediction(p, self.folder, pl_module.class_names) for p in prediction]
+            return
         dataset = _dataset_of(trainer.predict_dataloaders, dataloader_idx)
         names = pl_module.class_names
         for i, predicted in enumerate(prediction):
@@ -322,6 +327,11 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = _gather(trainer, self.results)
+        volumes = _gather(trainer, self.volumes)
+        if volumes and trainer.is_global_zero:
+            print(f"Predictions: {len(volumes)} label volumes written to {self.folder / 'volumes'}, montages to "
+                  f"{self.folder / 'montages'}")  # fmt: skip
+            return
         if trainer.is_global_zero:
             path = self.folder / "predictions.json"
             path.write_text(json.dumps(results))

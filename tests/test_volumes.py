@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from segtune.data.datamodule import SegmentationDataModule
 from segtune.data.intensity import IntensityPolicy, volume_to_model_range
 from segtune.data.slices import VolumeOptions
 from segtune.data.volumes import Geometry, VolumeCase, read_volume, write_volume
 from segtune.models.loading import preprocessing_for
+from segtune.volume_output import write_prediction
+from segtune.volume_scoring import VolumeScoring, predict_volumes
 
 #: z (slices) 4 mm, y 0.7 mm, x 0.5 mm; an oblique direction and an origin far from 0, so a mix-up shows.
 SPACING = (0.5, 0.7, 4.0)
@@ -200,3 +204,52 @@ def test_image_and_label_folders_and_npz_are_recognised(tmp_path: Path) -> None:
     dm = datamodule(tmp_path / "npz", split_fractions=(0.34, 0.33, 0.33))
     assert dm.layout == "volumes" and dm.class_names == ["1", "2"]  # named by value without dataset.json
     assert len(dm.volume_source.cases("fit")) == 1
+
+
+class BoxModel(torch.nn.Module):
+    """A module stand-in: predicts the low-resolution mask cells that lie inside its box prompt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.preprocessing = preprocessing_for("sam-tiny")
+        self.volume_scoring = VolumeScoring()
+        self.register_buffer("anchor", torch.zeros(()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, batch: dict) -> SimpleNamespace:
+        pre, boxes = self.preprocessing, batch["input_boxes"]
+        factor = pre.mask_size / pre.image_size
+        grid = torch.arange(pre.mask_size) + 0.5
+        x0, y0, x1, y1 = ((boxes[..., i] * factor)[..., None, None] for i in range(4))
+        inside = (grid[None, None, None, :] >= x0 + 0.5) & (grid[None, None, None, :] <= x1 - 0.5)
+        inside = inside & (grid[None, None, :, None] >= y0 + 0.5) & (grid[None, None, :, None] <= y1 - 0.5)
+        logits = torch.where(inside, 10.0, -10.0)[:, :, None]
+        return SimpleNamespace(pred_masks=logits, iou_scores=torch.ones(*boxes.shape[:2], 1))
+
+
+def test_predicted_nrrd_keeps_the_source_geometry(tmp_path: Path) -> None:
+    """read, predict (slices through the batch path, propagated), write, read back: the same grid."""
+    image, label = phantom(shape=(6, 40, 48))
+    scans = tmp_path / "scans"
+    source = write_case(scans / "scan_7.nrrd", image)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"scan_7": [{"slice": 3, "box": [8, 6, 40, 30], "label": 2}]}))
+    root = decathlon(tmp_path / "ds", cases=1)  # the classes: dataset.json's
+    dm = datamodule(root, predict_images=scans, predict_prompts=prompts)
+    dm.setup("predict")
+    batch = dm.datasets["predict"].collate([dm.datasets["predict"][0]])
+    (predicted,) = predict_volumes(BoxModel(), batch)
+    written = write_prediction(predicted, tmp_path / "out", dm.class_names)
+    assert written.name == "scan_7.nrrd" and (tmp_path / "out" / "montages" / "scan_7.png").is_file()
+    back, scan = sitk.ReadImage(str(written)), sitk.ReadImage(str(source))
+    for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(back, get)() == pytest.approx(getattr(scan, get)(), abs=1e-6), get
+    values = sitk.GetArrayFromImage(back)
+    assert set(np.unique(values).tolist()) == {0, 2}  # the prompt's label value
+    # never vanishing, the object reaches every slice; it sits where the prompt put it: x the column, y the row
+    assert values.reshape(6, -1).any(1).all()
+    rows, cols = np.flatnonzero(values[3].any(1)), np.flatnonzero(values[3].any(0))
+    assert 5 <= rows[0] <= 8 and 28 <= rows[-1] <= 30 and 7 <= cols[0] <= 10 and 38 <= cols[-1] <= 40

@@ -253,3 +253,16 @@ def test_predicted_nrrd_keeps_the_source_geometry(tmp_path: Path) -> None:
     assert values.reshape(6, -1).any(1).all()
     rows, cols = np.flatnonzero(values[3].any(1)), np.flatnonzero(values[3].any(0))
     assert 5 <= rows[0] <= 8 and 28 <= rows[-1] <= 30 and 7 <= cols[0] <= 10 and 38 <= cols[-1] <= 40
+
+
+def test_embedding_cache_keys_tell_slices_of_one_volume_apart(tmp_path: Path) -> None:
+    from segtune.methods.baseline import DecoderOnly
+
+    volume = write_case(tmp_path / "case.nii.gz", phantom()[0])
+    method = DecoderOnly("sam-tiny")
+    method._fingerprint = "weights"  # what configure_model and the first step would compute
+    method.preprocessing = preprocessing_for("sam-tiny")
+    paths = [str(volume)] * 3
+    slices = method._cache_keys({"image_paths": paths, "image_keys": ["z=3", "z=4", "z=3"]})
+    assert slices[0] != slices[1] and slices[0] == slices[2]
+    assert method._cache_keys({"image_paths": paths})[0] not in slices  # a 2D image's key: the file alone

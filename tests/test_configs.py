@@ -66,3 +66,5 @@ def test_shipped_config_runs_with_a_tiny_model(
     metrics = last_metrics(folder)
     assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_dice"] <= 1.0
     assert 0.0 <= metrics["val_box_dice"] <= 1.0
+    if layout == "volumes":  # scored as volumes: NSD beside the volume Dice
+        assert 0.0 <= metrics["val_nsd"] <= 1.0 and "val_slice_dice" in metrics

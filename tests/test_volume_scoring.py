@@ -76,6 +76,9 @@ def test_objects_follow_the_instance_rule() -> None:
     components = volume_objects(label, [1, 3], VolumeOptions(instances="components"))
     assert [c for c, _ in semantic] == [0, 1] and [c for c, _ in components] == [0, 0, 1]
     assert middle_slice(semantic[0][1]) in (4, 6)  # slice 5 is empty: the nearest one with the object
+    corner = np.zeros((6, 6, 6), np.uint8)
+    corner[0:2, 0:2, 0:2] = corner[2:4, 2:4, 2:4] = 1  # two blocks touching at one corner: 26-connected
+    assert len(volume_objects(corner, [1], VolumeOptions(instances="components", min_area=1))) == 1
 
 
 def cubes(shift: int) -> tuple[np.ndarray, np.ndarray]:

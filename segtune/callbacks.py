@@ -29,6 +29,7 @@ from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.files import read_checkpoint_file
 from segtune.models.adapters import save_pretrained
 from segtune.reports import (
+    IMAGE_SCORES,
     coco_results,
     instance_rows,
     summarise,
@@ -47,6 +48,7 @@ from segtune.visualise import (
     to_uint8_rgb,
     validation_grid,
 )
+from segtune.volume_output import write_prediction
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +262,7 @@ class TestReport(Callback):
         self.rows: list[dict] = []
         self.untuned_rows: list[dict] = []  # the untuned model's, on the same instances
         self.worst: list[dict[str, Any]] = []  # the worst images so far, with their masks
+        self.layout: tuple[tuple[str, ...], str] = (IMAGE_SCORES, "image")  # the rows' scores and unit
 
     def on_test_batch_end(
         self,
@@ -270,7 +273,13 @@ class TestReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active or not isinstance(outputs, dict) or "scores" not in outputs:
+        if not self._active:
+            return
+        if isinstance(outputs, dict) and "report_rows" in outputs:  # rows made by the step (volumes: per case)
+            self.rows += outputs["report_rows"]
+            self.layout = (tuple(outputs["report_scores"]), outputs["report_unit"])
+            return
+        if not isinstance(outputs, dict) or "scores" not in outputs:
             return
         for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
             classes = batch["category_ids"][i, : len(scores.dice)]
@@ -304,13 +313,13 @@ class TestReport(Callback):
         if not rows:
             log.warning("test report: no instance was scored, nothing written")
             return
-        report = summarise(rows)
-        if self._untuned_model is not None:
+        report = summarise(rows, *self.layout)
+        if self._untuned_model is not None and self.layout[1] == "image":
             report["untuned"] = untuned_summary(untuned_rows, rows)
         folder = _run_folder(trainer)
         json_path, csv_path = write_test_report(report, folder)
         written = f"{json_path}, {csv_path}"
-        if self.picture:
+        if self.picture and self.layout[1] == "image":  # its distributions are of instance Dice
             figure = test_report_figure(rows, [_scored_image(trainer, pl_module, im) for im in worst])
             written += f" and {save_figure(figure, folder / 'test_report.png')}"
         table = summary_table(report) + (f"\n\n{untuned_table(report)}" if "untuned" in report else "")
@@ -355,11 +364,15 @@ class PredictionWriter(BasePredictionWriter):
         if self.overlays:
             (self.folder / "overlays").mkdir(exist_ok=True)
         self.results: list[dict] = []
+        self.volumes: list[Path] = []
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
+        if "volumes" in batch:  # whole cases: label volumes with their source's geometry, and montages
+            self.volumes += [write_prediction(p, self.folder, pl_module.class_names) for p in prediction]
+            return
         dataset = _dataset_of(trainer.predict_dataloaders, dataloader_idx)
         names = pl_module.class_names
         for i, predicted in enumerate(prediction):
@@ -380,6 +393,11 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = _gather(trainer, self.results)
+        volumes = _gather(trainer, self.volumes)
+        if volumes and trainer.is_global_zero:
+            print(f"Predictions: {len(volumes)} label volumes written to {self.folder / 'volumes'}, montages to "
+                  f"{self.folder / 'montages'}")  # fmt: skip
+            return
         if trainer.is_global_zero:
             path = self.folder / "predictions.json"
             path.write_text(json.dumps(results))

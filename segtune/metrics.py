@@ -88,9 +88,10 @@ class EmptyPredictions(Metric):
         return {"targets": self.targets, "predicted": self.predicted}
 
 
-def segmentation_metrics(class_names: Sequence[str], prefix: str) -> MetricCollection:
+def segmentation_metrics(class_names: Sequence[str], prefix: str, names: Sequence[str] = SCORES) -> MetricCollection:
     """The metrics of one evaluation stage: ``<prefix>dice``, ``<prefix>iou``, ``<prefix>box_dice``,
-    ``<prefix>box_iou``, each also per class."""
+    ``<prefix>box_iou`` (or the given score ``names``: volumes score
+    :data:`segtune.volume_scoring.VOLUME_SCORES`), each also per class."""
     return MetricCollection(
-        {name: InstanceMean(name, class_names) for name in SCORES}, prefix=prefix, compute_groups=False
+        {name: InstanceMean(name, class_names) for name in names}, prefix=prefix, compute_groups=False
     )

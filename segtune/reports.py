@@ -54,22 +54,38 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Overall, per-class and per-image means of per-instance rows (the same means as ``test_dice``)."""
+#: The scores of a 2D report's rows (instances); a volume report's rows (a class of a case) carry
+#: :data:`segtune.volume_scoring.VOLUME_SCORES`.
+IMAGE_SCORES = ("dice", "iou", "box_dice")
+
+
+def summarise(
+    rows: list[dict[str, Any]], scores: tuple[str, ...] = IMAGE_SCORES, unit: str = "image"
+) -> dict[str, Any]:
+    """Overall, per-class and per-image means of per-instance rows (the same means as ``test_dice``).
+
+    Args:
+        rows: one per instance (or, for volumes, one per class of a case).
+        scores: the score columns to average.
+        unit: what a row's ``image_id`` is (``"image"``, or ``"case"`` for volumes): names
+            ``per_<unit>`` in the report and the csv.
+    """
     by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_class[row["class"]].append(row)
         by_image[row["image_id"]].append(row)
 
-    def scores(group: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"instances": len(group), **{k: _mean(group, k) for k in ("dice", "iou", "box_dice")}}
+    def means(group: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"instances": len(group), **{k: _mean(group, k) for k in scores}}
 
     return {
-        "overall": scores(rows),
-        "per_class": {name: scores(group) for name, group in sorted(by_class.items())},
-        "per_image": [
-            {"image_id": image_id, "file_name": group[0]["file_name"], **scores(group)}
+        "scores": list(scores),
+        "unit": unit,
+        "overall": means(rows),
+        "per_class": {name: means(group) for name, group in sorted(by_class.items())},
+        f"per_{unit}": [
+            {"image_id": image_id, "file_name": group[0]["file_name"], **means(group)}
             for image_id, group in sorted(by_image.items(), key=lambda item: item[1][0]["file_name"])
         ],
         "per_instance": rows,
@@ -77,30 +93,40 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_test_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
-    """Write ``test_metrics.json`` (everything) and ``test_per_image.csv`` into ``folder``."""
+    """Write ``test_metrics.json`` (everything) and ``test_per_image.csv`` (``test_per_case.csv`` for
+    volumes) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / "test_metrics.json"
     json_path.write_text(json.dumps(report, indent=2))
-    csv_path = folder / "test_per_image.csv"
+    unit = report.get("unit", "image")
+    csv_path = folder / f"test_per_{unit}.csv"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image_id", "file_name", "instances", "dice", "iou", "box_dice"])
+        scores = report.get("scores", list(IMAGE_SCORES))
+        writer = csv.DictWriter(f, fieldnames=["image_id", "file_name", "instances", *scores])
         writer.writeheader()
-        writer.writerows(report["per_image"])
+        writer.writerows(report[f"per_{unit}"])
     return json_path, csv_path
 
 
 def summary_table(report: dict[str, Any], worst: int = 3) -> str:
-    """A short text table: overall, each class, and the images with the lowest Dice."""
-    lines = [f"{'':<24} {'instances':>9} {'dice':>7} {'iou':>7} {'box dice':>9}"]
+    """A short text table: overall, each class, and the images (cases) with the lowest Dice."""
+    scores = report.get("scores", list(IMAGE_SCORES))
+    unit = report.get("unit", "image")
+    widths = [max(7, len(k)) for k in scores]
+    rows_name = "instances" if unit == "image" else "rows"
+    header = " ".join(f"{k.replace('_', ' '):>{w}}" for k, w in zip(scores, widths, strict=True))
+    lines = [f"{'':<24} {rows_name:>9} {header}"]
 
     def line(name: str, s: dict[str, Any]) -> str:
-        dice, iou, box = (f"{s[k]:.4f}" if s[k] is not None else "-" for k in ("dice", "iou", "box_dice"))
-        return f"{name[:24]:<24} {s['instances']:>9} {dice:>7} {iou:>7} {box:>9}"
+        values = " ".join(
+            f"{f'{s[k]:.4f}' if s[k] is not None else '-':>{w}}" for k, w in zip(scores, widths, strict=True)
+        )
+        return f"{name[:24]:<24} {s['instances']:>9} {values}"
 
     lines.append(line("all", report["overall"]))
     if len(report["per_class"]) > 1:
         lines += [line(name, s) for name, s in report["per_class"].items()]
-    scored = [r for r in report["per_image"] if r["dice"] is not None]
+    scored = [r for r in report[f"per_{unit}"] if r["dice"] is not None]
     for image in sorted(scored, key=lambda r: r["dice"])[:worst]:
         lines.append(line(f"worst: {image['file_name']}", image))
     return "\n".join(lines)

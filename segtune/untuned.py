@@ -114,6 +114,10 @@ class UntunedScore(Callback):
         if not hasattr(pl_module, "score"):
             log.warning("untuned score: %s has no score(batch); not measured", type(pl_module).__name__)
             return None
+        if getattr(getattr(trainer, "datamodule", None), "volumetric", False):
+            # volumes are scored whole, by propagation (segtune.volume_scoring), not instance by instance
+            log.info("untuned score: not measured for volumes (`segtune test` without a checkpoint scores the model)")
+            return None
         loop = trainer.fit_loop.epoch_loop.val_loop
         if trainer.val_dataloaders is None and trainer.limit_val_batches:
             trainer.validating = True  # as Lightning's fit loop sets its validation data up

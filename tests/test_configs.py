@@ -40,20 +40,31 @@ def test_header_names_the_data_the_root_points_at(config: Path) -> None:
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_shipped_config_runs_with_a_tiny_model(config: Path, run_cli, shapes_root: Path, masks_root: Path) -> None:
+def test_shipped_config_runs_with_a_tiny_model(
+    config: Path, run_cli, shapes_root: Path, masks_root: Path, tmp_path: Path
+) -> None:
     settings = yaml.safe_load(config.read_text())
     model = PRESETS[settings["model"]["init_args"]["model"]]
-    masks = settings["data"]["init_args"].get("layout") == "masks"
+    layout = settings["data"]["init_args"].get("layout")
+    root = {"masks": masks_root, "volumes": None}.get(layout, shapes_root)
+    extra: list[str] = []
+    if layout == "volumes":  # ten small synthetic MRI-like volumes in a Decathlon folder; small batches
+        from tests.test_volumes import decathlon
+
+        root = decathlon(tmp_path / "volumes", cases=10)
+        extra = ["--data.init_args.batch_size", "2", "--trainer.num_sanity_val_steps", "0"]
     run = run_cli(
         "fit", "--config", config,
         "--model.init_args.model", TINY[model.model_class],
-        "--data.init_args.root", masks_root if masks else shapes_root,
+        "--data.init_args.root", root,
         # one process and no fork: the configs' 4 workers only cost start-up time on 2 CPU cores
         "--data.init_args.num_workers", "0", "--data.init_args.persistent_workers", "false",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1",
+        "--trainer.log_every_n_steps", "1", *extra,
     )  # fmt: skip
     (folder,) = (run / "runs").glob("*/version_0")
     metrics = last_metrics(folder)
     assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_dice"] <= 1.0
     assert 0.0 <= metrics["val_box_dice"] <= 1.0
+    if layout == "volumes":  # scored as volumes: NSD beside the volume Dice
+        assert 0.0 <= metrics["val_nsd"] <= 1.0 and "val_slice_dice" in metrics

@@ -28,6 +28,7 @@ class Sample(TypedDict, total=False):
     image_id: int
     file_name: str
     image_path: str  # the file, for writers that draw on the original image
+    image_key: str  # which image of that file (a volume's slice); absent when the file is one image
 
 
 class Batch(TypedDict, total=False):
@@ -38,7 +39,7 @@ class Batch(TypedDict, total=False):
     Metadata: ``prompt_valid`` ``[B, N]`` bool, ``low_res_masks`` ``[B, N, s, s]``, ``boxes``
     ``[B, N, 4]``, ``category_ids`` ``[B, N]`` (-1 on padding), ``original_sizes`` and
     ``reshaped_sizes`` ``[B, 2]``, ``masks`` (a list of ``[N_i, H_i, W_i]`` bool), ``image_ids``,
-    ``file_names`` and ``image_paths`` (lists).
+    ``file_names`` and ``image_paths`` (lists), ``image_keys`` (a list, when the samples have them).
     """
 
     pixel_values: torch.Tensor
@@ -55,6 +56,7 @@ class Batch(TypedDict, total=False):
     image_ids: list[int]
     file_names: list[str]
     image_paths: list[str]
+    image_keys: list[str]
 
 
 def _pad(tensors: list[torch.Tensor], length: int, value: float = 0) -> torch.Tensor:
@@ -100,6 +102,8 @@ def collate(samples: list[Sample]) -> Batch:
         "file_names": [s["file_name"] for s in samples],
         "image_paths": [s["image_path"] for s in samples],
     }
+    if "image_key" in samples[0]:
+        batch["image_keys"] = [s.get("image_key", "") for s in samples]
     if "input_boxes" in samples[0]:
         boxes = _pad([s["input_boxes"] for s in samples], n)
         boxes[~batch["prompt_valid"]] = torch.tensor([0.0, 0.0, 1.0, 1.0])

@@ -23,6 +23,7 @@ from segtune.data.layouts import Layout, detect_layout
 from segtune.data.masks import MaskFormat, compile_pair_key, has_foreground, index_values, pair_images_and_masks
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord, RecordSet
+from segtune.data.slices import VolumeOptions, VolumeSource, volume_layout_of
 from segtune.data.synthetic import write_shapes_coco
 from segtune.preprocessing import Preprocessing
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = PromptConfig()
 DEFAULT_MASKS = MaskFormat()
 DEFAULT_INTENSITY = IntensityPolicy()
+DEFAULT_VOLUMES = VolumeOptions()
 
 
 class SegmentationDataModule(LightningDataModule):
@@ -50,6 +52,10 @@ class SegmentationDataModule(LightningDataModule):
       folder per split or directly in ``root`` (then split by file with ``split_fractions``).
     - ``"labelme"``: images with a LabelMe ``.json`` beside each (polygons, rectangles, circles;
       the shape labels are the classes), in one folder per split or directly in ``root``.
+    - ``"volumes"``: 3D volumes (:mod:`segtune.data.volumes`): a Decathlon / nnU-Net folder
+      (``imagesTr/``, ``labelsTr/``, ``dataset.json``), image and label folders of NIfTI, NRRD or
+      MetaImage files, or MedSAM2 npz files. Training samples are slices (:mod:`segtune.data.slices`);
+      validation and test score whole volumes (:mod:`segtune.volume_scoring`).
 
     Args:
         root: the dataset's folder.
@@ -58,7 +64,9 @@ class SegmentationDataModule(LightningDataModule):
         val_split: the validation split, as ``train_split``.
         test_split: the held-out split ``segtune test`` scores, as ``train_split``.
         predict_split: the split ``segtune predict`` runs over when ``predict_images`` is not set.
-        categories: class names in class-index order. COCO: the categories to train on (``None``:
+        categories: class names in class-index order. Volumes: the names of label values 1, 2, ...
+            (or of ``dataset.json``'s values), replacing ``dataset.json``'s names. COCO: the
+            categories to train on (``None``:
             every category except Roboflow's unused parent; categories sharing a name merge).
             Index masks: the name of pixel value ``i + 1`` is ``categories[i]``. Binary masks: the
             one class's name.
@@ -88,7 +96,10 @@ class SegmentationDataModule(LightningDataModule):
         persistent_workers: keep workers alive between epochs (needs ``num_workers > 0``).
         cache_images: keep decoded images in memory up to this many MiB per dataset and process, so
             later epochs skip decoding (0: off); with ``num_workers > 0`` each worker keeps its own
-            cache, which lasts across epochs only with ``persistent_workers: true``.
+            cache, which lasts across epochs only with ``persistent_workers: true``. Volumes: the
+            normalised volumes kept (the most recent one always is).
+        volumes: volumes layout: the slice axis, the instance rule and how many slices without
+            foreground train (:class:`segtune.data.slices.VolumeOptions`).
         prompts: how instances become prompts.
         augmentations: albumentations transforms for training, applied to image and masks together.
         preprocessing: the model's input geometry and normalisation; the CLI links it from the model.
@@ -98,7 +109,7 @@ class SegmentationDataModule(LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        layout: Literal["auto", "roboflow", "coco", "masks", "labelme"] = "auto",
+        layout: Literal["auto", "roboflow", "coco", "masks", "labelme", "volumes"] = "auto",
         train_split: str = "train",
         val_split: str = "valid",
         test_split: str = "test",
@@ -122,6 +133,7 @@ class SegmentationDataModule(LightningDataModule):
         augmentations: list[A.BasicTransform] | None = None,
         preprocessing: Preprocessing | None = None,
         seed: int = 0,
+        volumes: VolumeOptions = DEFAULT_VOLUMES,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -155,6 +167,8 @@ class SegmentationDataModule(LightningDataModule):
         self.augmentations = augmentations
         self.preprocessing = preprocessing
         self.seed = seed
+        self.volumes = volumes
+        self._volume_source: VolumeSource | None = None
         self.datasets: dict[str, InstanceDataset] = {}
         self._class_names: list[str] | None = None
         self._labelme: dict[Path, list[LabelMeFile]] = {}
@@ -176,6 +190,22 @@ class SegmentationDataModule(LightningDataModule):
             self._layout = found
         return self._layout.name
 
+    @property
+    def volumetric(self) -> bool:
+        """Whether the data are volumes: slices train, whole volumes are scored (:mod:`segtune.volume_scoring`)."""
+        return self.layout == "volumes"
+
+    @property
+    def volume_source(self) -> VolumeSource:
+        """The volumes layout's reader (cases per split, classes, datasets)."""
+        if self._volume_source is None:
+            splits = list(dict.fromkeys(self.splits.values()))
+            found = volume_layout_of(self.root, splits, self.image_dir, self.mask_dir)
+            self._volume_source = VolumeSource(
+                self.root, found, self.splits, self.volumes, self.categories, self._take_split
+            )
+        return self._volume_source
+
     # --- classes -----------------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
@@ -187,6 +217,8 @@ class SegmentationDataModule(LightningDataModule):
     def _find_class_names(self) -> list[str]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: data root folder not found")
+        if self.layout == "volumes":
+            return list(self.volume_source.labels().values())
         if self.layout == "masks":
             if self.mask_format.kind == "binary":
                 return ["foreground"]
@@ -295,6 +327,12 @@ class SegmentationDataModule(LightningDataModule):
             raise ValueError("data.preprocessing is not set: run through `segtune`, which links it from the model")
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: data root folder not found")
+        if self.layout == "volumes":  # slices for fit, whole cases for validate, test and predict
+            augment = A.Compose(self.augmentations) if stage == "fit" and self.augmentations else None
+            return self.volume_source.dataset(
+                stage, self.preprocessing, self.prompts, augment, self.seed, self.intensity, self.cache_images,
+                self.predict_images, self.predict_prompts,
+            )  # fmt: skip
         found = (
             self._predict_records() if stage == "predict" and self.predict_images is not None else self._records(stage)
         )
@@ -368,7 +406,7 @@ class SegmentationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=collate,
+            collate_fn=getattr(self.datasets[stage], "collate", collate),  # whole volumes batch as cases
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -12,8 +12,7 @@ from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
 from segtune.data.image_cache import ImageCache
-from segtune.data.images import read_image
-from segtune.data.intensity import IntensityPolicy, to_model_range
+from segtune.data.intensity import IntensityPolicy
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
 from segtune.data.records import ImageRecord
 from segtune.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
@@ -128,7 +127,7 @@ class InstanceDataset(Dataset):
 
     def _image(self, index: int, record: ImageRecord) -> np.ndarray:
         def decode() -> np.ndarray:
-            return to_model_range(read_image(record.path), self.intensity, record.path)
+            return record.decode(self.intensity)
 
         if self.image_cache is None:
             return decode()
@@ -168,9 +167,11 @@ class InstanceDataset(Dataset):
             "original_size": (int(size[0]), int(size[1])),
             "reshaped_size": reshaped,
             "image_id": record.image_id,
-            "file_name": record.path.name,
+            "file_name": record.file_name,
             "image_path": str(record.path),
         }
+        if record.image_key:  # one of several images in one file (a volume's slice)
+            sample["image_key"] = record.image_key
         if given_points:
             sample["input_points"] = scale_coords(torch.from_numpy(points[:, :, :2].copy()), size, reshaped)
             sample["input_labels"] = torch.from_numpy(points[:, :, 2].astype(np.int64))

@@ -1,6 +1,8 @@
 """``layout: auto``: which layout a dataset folder holds, decided from its contents.
 
-Checked in this order, each in ``root`` and in its split folders: a Roboflow export
+Checked in this order, each in ``root`` and in its split folders: volumes (Decathlon / nnU-Net
+``imagesTr/``, image and label folders of volume files, MedSAM2 npz; see
+:func:`segtune.data.volumes.find_volume_layout`), a Roboflow export
 (``<split>/_annotations.coco.json``), image and mask folders (``images/`` + ``masks/``), a COCO
 json with an image folder, LabelMe jsons beside their images. A ``root`` that is itself one split
 folder of a dataset whose other splits sit beside it is refused with the parent to point at.
@@ -16,6 +18,7 @@ from typing import Literal
 from segtune.data.coco import ANNOTATION_FILE, read_json
 from segtune.data.images import image_files
 from segtune.data.labelme import is_labelme
+from segtune.data.volumes import find_volume_layout
 
 #: Folder names that mean "a split" when ``root`` itself is called so.
 SPLIT_NAMES = ("train", "training", "valid", "val", "validation", "test", "testing")
@@ -32,7 +35,7 @@ class Layout:
         image_dir: coco: the image folder when it is not the configured ``image_dir`` (``"."``: ``root``).
     """
 
-    name: Literal["roboflow", "coco", "masks", "labelme"]
+    name: Literal["roboflow", "coco", "masks", "labelme", "volumes"]
     found: str
     annotation_file: str | None = None
     image_dir: str | None = None
@@ -89,6 +92,9 @@ def detect_layout(
     def roboflow_split(folder: Path) -> bool:
         return (folder / ANNOTATION_FILE).is_file()
 
+    volumes = find_volume_layout(root, list(splits), image_dir, mask_dir)
+    if volumes is not None:
+        return Layout("volumes", f"{volumes.kind}: {volumes.found}")
     if roboflow_split(root):
         _refuse_split_folder(root, splits, roboflow_split)
         return Layout("coco", f"{ANNOTATION_FILE} beside the images (one split, split by file)", ANNOTATION_FILE, ".")
@@ -118,7 +124,8 @@ def detect_layout(
         f"{root}: no dataset layout recognised (it holds {contents or 'no image, folder or json'}); looked for "
         f"{train}/{ANNOTATION_FILE} (roboflow), {image_dir}/ and {mask_dir}/ here or in {train}/ (masks), "
         f"{train}.json or {annotation_file} or one COCO json with {image_dir}/ (coco), LabelMe .json files beside "
-        "images here or in split folders (labelme); set data.init_args.layout and the folder names"
+        "images here or in split folders (labelme), imagesTr/ or folders of .nii.gz/.nrrd/.mha/.npz volumes (volumes); "
+        "set data.init_args.layout and the folder names"
     )
 
 

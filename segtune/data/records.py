@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from segtune.data.images import read_image
+from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.data.masks import MaskFormat, read_instances
 
 
@@ -50,6 +52,20 @@ class ImageRecord:
         """Whether the record can give a prompt (an empty mask file is only found when read)."""
         given = [p for p in (self.boxes, self.points) if p is not None]
         return bool(self.annotations) or self.mask_path is not None or any(len(p) > 0 for p in given)
+
+    @property
+    def file_name(self) -> str:
+        """What reports and pictures call the image."""
+        return self.path.name
+
+    @property
+    def image_key(self) -> str:
+        """Which image of ``path`` this is (empty: the file is one image), for the embedding cache key."""
+        return ""
+
+    def decode(self, policy: IntensityPolicy) -> np.ndarray:
+        """The image as the model's ``[H, W, 3]`` input range (:func:`segtune.data.intensity.to_model_range`)."""
+        return to_model_range(read_image(self.path), policy, self.path)
 
     def instances(self, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
         """Decode the ``[H, W]`` bool instance masks and their class indices for an image of ``size``."""

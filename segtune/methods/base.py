@@ -24,17 +24,19 @@ from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.files import read_checkpoint_file
 from segtune.loss import SamLoss
-from segtune.metrics import EmptyPredictions, segmentation_metrics
+from segtune.metrics import SCORES, EmptyPredictions, segmentation_metrics
 from segtune.models.adapters import freeze_unreached
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
 from segtune.postprocess import EmptyTarget, ImagePrediction, InstanceScores, predictions, score_batch
 from segtune.preprocessing import Preprocessing
+from segtune.volume_scoring import VOLUME_SCORES, VolumeScoring, evaluate_volumes, predict_volumes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AMG = AutoMaskConfig()
+DEFAULT_VOLUME_SCORING = VolumeScoring()
 
 
 class SegmentationModule(LightningModule):
@@ -68,6 +70,8 @@ class SegmentationModule(LightningModule):
             A mask predicted on an empty ground truth scores 0 either way.
         amg: automatic mask generation, which ``segtune predict`` runs on ``data.predict_images``
             given without ``data.predict_prompts`` (see :class:`segtune.amg.AutoMaskConfig`).
+        volume_scoring: how volumetric data (``layout: volumes``) are scored and predicted: box
+            propagation, NSD tolerance (see :class:`segtune.volume_scoring.VolumeScoring`).
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -94,6 +98,7 @@ class SegmentationModule(LightningModule):
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         empty_target: EmptyTarget = "exclude",
         amg: AutoMaskConfig = DEFAULT_AMG,
+        volume_scoring: VolumeScoring = DEFAULT_VOLUME_SCORING,
     ) -> None:
         super().__init__()
         # AdamW would find these only after the run folder is made, in a message that names no option
@@ -104,9 +109,11 @@ class SegmentationModule(LightningModule):
         ):
             if not ok:
                 raise ValueError(f"model.init_args.{key} must be {need}, got {value}")
-        # amg is how predict runs, not part of the trained model: a checkpoint does not carry it
-        self.save_hyperparameters(ignore=["amg"])
+        # amg and volume_scoring are how predict and scoring run, not part of the trained model:
+        # a checkpoint does not carry them
+        self.save_hyperparameters(ignore=["amg", "volume_scoring"])
         self.amg = amg
+        self.volume_scoring = volume_scoring
         self.automatic_masks = False
         self.model_name = model
         self.loss = SamLoss(mask_loss, mask_weight, dice_weight, iou_weight)
@@ -159,8 +166,10 @@ class SegmentationModule(LightningModule):
         self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
         self.automatic_masks = stage == "predict" and bool(getattr(datamodule, "automatic_masks", False))
         self.intensity = getattr(datamodule, "intensity", None) or IntensityPolicy()
-        self.val_metrics = segmentation_metrics(self.class_names, "val_")
-        self.test_metrics = segmentation_metrics(self.class_names, "test_")
+        # volumes are scored per case and class (segtune.volume_scoring), images per instance
+        scores = VOLUME_SCORES if getattr(datamodule, "volumetric", False) else SCORES
+        self.val_metrics = segmentation_metrics(self.class_names, "val_", scores)
+        self.test_metrics = segmentation_metrics(self.class_names, "test_", scores)
         self.val_empty = EmptyPredictions()
         self.test_empty = EmptyPredictions()
 
@@ -213,12 +222,14 @@ class SegmentationModule(LightningModule):
         model is the base's; full fine-tunes get the pretrained weights. ``self`` is not touched.
         """
         args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path
-        module = type(self)(**args, amg=self.amg)
+        module = type(self)(**args, amg=self.amg, volume_scoring=self.volume_scoring)
         module.configure_model()
         module.class_names = list(self.class_names)
         return module.eval()
 
     def _evaluate(self, batch: Batch, stage: str) -> dict[str, list]:
+        if "volumes" in batch:  # whole cases (layout: volumes): propagated and scored as volumes
+            return evaluate_volumes(self, batch, stage)
         out, predicted, scores = self.score(batch)
         n = len(batch["image_ids"])
         self.log(f"{stage}_loss", self._loss(out, batch)["loss"], batch_size=n, sync_dist=True)
@@ -272,6 +283,8 @@ class SegmentationModule(LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> list[ImagePrediction]:
         """Masks at each image's original resolution and their predicted IoU: one per prompt, or, for
         images without prompts, every mask automatic mask generation finds (class -1: none)."""
+        if "volumes" in batch:  # whole cases: label volumes propagated from the given prompts
+            return predict_volumes(self, batch)
         if self.automatic_masks:
             return self._automatic_masks(batch)
         return [

@@ -134,7 +134,12 @@ class FullFinetune(SegmentationModule):
         trainer = self._trainer
         intensity = repr(getattr(getattr(trainer, "datamodule", None), "intensity", None))
         precision = str(trainer.precision) if trainer is not None else ""
-        return [cache_key(self._fingerprint, repr(self.preprocessing), intensity, p, precision) for p in paths]
+        # a volume's slices share its file: the slice (image_keys) is part of each key
+        keys = batch.get("image_keys") or [""] * len(paths)
+        return [
+            cache_key(self._fingerprint, repr(self.preprocessing), intensity, p, f"{precision}{'|' + k if k else ''}")
+            for p, k in zip(paths, keys, strict=True)
+        ]
 
     def _encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         encoder = unwrap(self.model).vision_encoder

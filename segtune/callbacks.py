@@ -26,7 +26,7 @@ from peft import PeftModel
 
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
-from segtune.files import read_checkpoint_file
+from segtune.files import output_folder, read_checkpoint_file
 from segtune.models.adapters import save_pretrained
 from segtune.reports import (
     IMAGE_SCORES,
@@ -134,8 +134,11 @@ class ExportBestAdapter(Callback):
         score = float(ckpt.best_model_score)
         if score == self._exported_score:
             return
-        folder = save_pretrained(model, pl_module.preprocessing, _run_folder(trainer) / "adapter")
-        (folder / "best_checkpoint.txt").write_text(f"{ckpt.best_model_path}\n{ckpt.monitor}={score}\n")
+        folder = _run_folder(trainer) / "adapter"
+        # written beside and renamed: a crash while saving leaves the previous best adapter whole
+        with output_folder(folder, overwrite=True) as scratch:
+            save_pretrained(model, pl_module.preprocessing, scratch)
+            (scratch / "best_checkpoint.txt").write_text(f"{ckpt.best_model_path}\n{ckpt.monitor}={score}\n")
         self._exported_score = score
         # The callbacks' states were collected before this hook: record the export in this file too.
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()

@@ -379,11 +379,12 @@ def test_folder_presets_say_how_to_convert(tmp_path: Path, monkeypatch, capsys) 
         main(["models"])
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "not converted (models/mobilesam" in rows["mobilesam"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["models", "--download", "mobilesam"])
+    assert exit_info.value.code == 1
     assert (
         "segtune convert --checkpoint mobile_sam.pt --preprocessing mobilesam --output models/mobilesam"
-        in capsys.readouterr().out
+        in capsys.readouterr().err
     )
     # once converted, the preset reads the folder: its own preprocessing and MobileSAM's LoRA targets
     model = AutoModelForMaskGeneration.from_config(PRESETS["mobilesam-tiny"].config())

@@ -115,8 +115,9 @@ def test_fit_scores_the_untuned_model_before_the_first_step_and_a_resume_keeps_i
 def test_no_epoch_beating_the_untuned_model_is_one_warning_and_the_pass_changes_no_training(
     run_cli, shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # lr 0: training changes nothing, so no epoch can beat the untuned model
-    common = ["--trainer.max_epochs", "1", "--model.init_args.lr", "0", "--trainer.log_every_n_steps", "1"]
+    # lr 1e-30 (0 is refused): each update is below half a float32 ulp of every weight, so training
+    # changes nothing and no epoch can beat the untuned model
+    common = ["--trainer.max_epochs", "1", "--model.init_args.lr", "1e-30", "--trainer.log_every_n_steps", "1"]
     _fit(run_cli, shapes_root, *common)
     captured = capsys.readouterr()
     summary = SUMMARY.search(captured.out)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
 from segtune.data.image_cache import ImageCache
-from segtune.data.images import read_image
+from segtune.data.images import image_size, read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
 from segtune.data.records import ImageRecord
@@ -36,6 +36,11 @@ class InstanceDataset(Dataset):
             files; ``index + 1`` when not given.
         cache_images: keep decoded images (after the intensity policy) in memory up to this many
             MiB, so later epochs do not decode them again (0: off). See :mod:`segtune.data.image_cache`.
+
+    Images the model already holds the image-encoder output of (an embedding cache, see
+    :meth:`mark_encoded`) are not decoded: their samples carry no ``pixel_values``, and their size
+    comes from the json or the file's header. The flags live in shared memory, so DataLoader
+    workers (persistent or not) see what the main process marks.
     """
 
     def __init__(
@@ -60,6 +65,28 @@ class InstanceDataset(Dataset):
         self.category_ids = list(category_ids) if category_ids is not None else None
         where = str(self.records[0].path.parent) if self.records else "dataset"
         self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
+        # one flag per image, shared with worker processes (forked or spawned) through shared memory
+        self.encoded = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
+        self._index = {str(r.path): i for i, r in enumerate(self.records)}
+
+    def mark_encoded(self, paths: Sequence[str], encoded: bool = True) -> None:
+        """Say whether the model holds the image-encoder output of these image files.
+
+        Marked images are read without decoding (no ``pixel_values`` in their samples); only the
+        step that holds their encoder output can use such a sample. Paths not in the dataset are
+        ignored; augmented training data is always decoded.
+
+        Args:
+            paths: image files (as in ``Sample["image_path"]``).
+            encoded: True to skip decoding them, False to decode them again.
+        """
+        rows = [self._index[p] for p in paths if p in self._index]
+        if rows:
+            self.encoded[rows] = encoded
+
+    def clear_encoded(self) -> None:
+        """Decode every image again (the model dropped the encoder outputs it held)."""
+        self.encoded.zero_()
 
     def category_id(self, class_index: int) -> int:
         """The dataset's own id of class ``class_index`` (``index + 1`` when the data has none)."""
@@ -77,26 +104,23 @@ class InstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        image = self._image(index, record)
-        size = image.shape[:2]
-        if record.height is not None and size != (record.height, record.width):
-            raise ValueError(
-                f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
-            )
+        image, size = self._image_and_size(index, record)
         if record.boxes is not None or record.points is not None:  # given prompts (predict): no ground truth
             return self.make_sample(
-                image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points
-            )
+                image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points,
+                size=size,
+            )  # fmt: skip
         masks, classes = record.instances(size)
         rng = self._rng(record)
         if self.augment is not None and masks:
             image, masks, classes = self._augment(image, masks, classes, rng)
+            size = image.shape[:2]
         keep = [i for i, m in enumerate(masks) if m.any()]
         if self.train and len(keep) > self.prompts.max_instances:
             keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
         masks = [masks[i] for i in keep]
         classes = [classes[i] for i in keep]
-        return self.make_sample(image, masks, classes, record, rng)
+        return self.make_sample(image, masks, classes, record, rng, size=size)
 
     def _augment(
         self, image: np.ndarray, masks: list[np.ndarray], classes: list[int], rng: np.random.Generator
@@ -126,6 +150,20 @@ class InstanceDataset(Dataset):
             return image, masks, classes
         return new_image, [augmented[i] for i in kept], [classes[i] for i in kept]
 
+    def _image_and_size(self, index: int, record: ImageRecord) -> tuple[np.ndarray | None, tuple[int, int]]:
+        """The decoded image and its ``(H, W)``; no image for one the model holds the encoder output of."""
+        if self.encoded[index] and self.augment is None:
+            # checked against the file when it was decoded, in the pass that encoded it
+            size = (record.height, record.width) if record.height is not None else image_size(record.path)
+            return None, (int(size[0]), int(size[1]))
+        image = self._image(index, record)
+        size = image.shape[:2]
+        if record.height is not None and size != (record.height, record.width):
+            raise ValueError(
+                f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
+            )
+        return image, (int(size[0]), int(size[1]))
+
     def _image(self, index: int, record: ImageRecord) -> np.ndarray:
         def decode() -> np.ndarray:
             return to_model_range(read_image(record.path), self.intensity, record.path)
@@ -137,18 +175,19 @@ class InstanceDataset(Dataset):
 
     def make_sample(
         self,
-        image: np.ndarray,
+        image: np.ndarray | None,
         masks: list[np.ndarray],
         classes: list[int],
         record: ImageRecord,
         rng: np.random.Generator,
         boxes: np.ndarray | None = None,
         points: np.ndarray | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Sample:
         """Build prompts from ``masks`` (or take the given ``boxes`` or ``[N, P, 3]`` ``points``) and put
-        everything in the model frame."""
-        size = image.shape[:2]
-        pixel_values, reshaped = preprocess_image(image, self.pre)
+        everything in the model frame; without ``image`` (its encoder output is held), no ``pixel_values``."""
+        size = image.shape[:2] if size is None else size
+        reshaped = self.pre.resized_shape(*size)
         given_points = points is not None
         if given_points:  # no box prompt; the box metadata (no floor is scored in predict) stays empty
             boxes = np.zeros((len(points), 4), np.float32)
@@ -160,7 +199,6 @@ class InstanceDataset(Dataset):
             mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *size, dtype=torch.bool)
             boxes = np.stack([mask_to_box(m) for m in masks]) if masks else np.zeros((0, 4), np.float32)
         sample: Sample = {
-            "pixel_values": pixel_values,
             "boxes": torch.from_numpy(boxes),
             "low_res_masks": masks_to_low_res(mask_t, self.pre, reshaped),
             "masks": mask_t,
@@ -171,6 +209,8 @@ class InstanceDataset(Dataset):
             "file_name": record.path.name,
             "image_path": str(record.path),
         }
+        if image is not None:
+            sample["pixel_values"] = preprocess_image(image, self.pre)[0]
         if given_points:
             sample["input_points"] = scale_coords(torch.from_numpy(points[:, :, :2].copy()), size, reshaped)
             sample["input_labels"] = torch.from_numpy(points[:, :, 2].astype(np.int64))

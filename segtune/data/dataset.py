@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
-from segtune.data.image_cache import ImageCache
+from segtune.data.image_cache import ImageCache, MaskCache
 from segtune.data.images import image_size, read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
@@ -65,6 +65,7 @@ class InstanceDataset(Dataset):
         self.category_ids = list(category_ids) if category_ids is not None else None
         where = str(self.records[0].path.parent) if self.records else "dataset"
         self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
+        self.mask_cache = MaskCache()
         # one flag per image, shared with worker processes (forked or spawned) through shared memory
         self.encoded = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
         self._index = {str(r.path): i for i, r in enumerate(self.records)}
@@ -110,7 +111,7 @@ class InstanceDataset(Dataset):
                 image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points,
                 size=size,
             )  # fmt: skip
-        masks, classes = record.instances(size)
+        masks, classes = self._instances(index, record, size)
         rng = self._rng(record)
         if self.augment is not None and masks:
             image, masks, classes = self._augment(image, masks, classes, rng)
@@ -163,6 +164,12 @@ class InstanceDataset(Dataset):
                 f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
             )
         return image, (int(size[0]), int(size[1]))
+
+    def _instances(self, index: int, record: ImageRecord, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
+        """The record's instance masks; a mask file's are read once and kept run-length encoded."""
+        if record.mask_path is None:  # COCO / LabelMe shapes: decoding them costs about as much as the cache would
+            return record.instances(size)
+        return self.mask_cache.get(index, size, lambda: record.instances(size))
 
     def _image(self, index: int, record: ImageRecord) -> np.ndarray:
         def decode() -> np.ndarray:

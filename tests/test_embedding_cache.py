@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import segtune.data.dataset
 from segtune.data.intensity import IntensityPolicy
 from segtune.models.embedding_cache import (
     EmbeddingCache,
@@ -73,26 +74,53 @@ def _untuned(metrics: Path) -> list[float]:
 
 
 def _losses(metrics: Path) -> dict[tuple[str, str], float]:
+    """Losses and validation scores (Dice, box floor) by step."""
+    keys = ("train_loss", "val_loss", "val_dice", "val_box_dice")
     with open(metrics) as f:
-        return {(r["step"], k): float(r[k]) for r in csv.DictReader(f) for k in ("train_loss", "val_loss") if r[k]}
+        return {(r["step"], k): float(r[k]) for r in csv.DictReader(f) for k in keys if r.get(k)}
+
+
+@contextmanager
+def count_decoded_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Images the dataset decoded and turned into pixel_values inside the block (num_workers 0)."""
+    seen = [0, 0]
+    read, preprocess = segtune.data.dataset.read_image, segtune.data.dataset.preprocess_image
+
+    def counting_read(path: Path):
+        seen[0] += 1
+        return read(path)
+
+    def counting_preprocess(image, pre):
+        seen[1] += 1
+        return preprocess(image, pre)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(segtune.data.dataset, "read_image", counting_read)
+        patch.setattr(segtune.data.dataset, "preprocess_image", counting_preprocess)
+        yield seen
 
 
 # --- through the CLI ---------------------------------------------------------------------------------
-def test_cached_fit_has_the_same_losses_and_encodes_each_image_once(run_cli, shapes_root: Path) -> None:
+def test_cached_fit_has_the_same_losses_and_encodes_each_image_once(
+    run_cli, shapes_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # 8 train + 4 validation images, 2 epochs, and the untuned model's validation pass before the first step
     # (segtune.untuned): 28 encoder passes without the cache, 12 with it, the untuned pass filling the cache
     # the first validation epoch reads (the encoder is frozen, so those embeddings are still valid; Sam2's
     # path through the cache is checked, bit for bit, by test_cached_encoder_output_gives_the_same_...).
-    # The quickstart's box_jitter stays on: prompt jitter is allowed with the cache.
-    encoded, losses, untuned = {}, {}, {}
+    # A cached image is not decoded either: 28 decodes without the cache, 12 with it, none when a disk
+    # cache already holds every image. The quickstart's box_jitter stays on: prompt jitter is allowed.
+    encoded, decoded, losses, untuned = {}, {}, {}, {}
     for mode in ("off", "memory", "disk", "disk-again"):
-        with count_encoded_images() as seen:
+        with count_encoded_images() as seen, count_decoded_images(monkeypatch) as read:
             metrics = _fit(run_cli, shapes_root, mode, "--model.init_args.embedding_cache", mode.removesuffix("-again"))
-        encoded[mode], losses[mode], untuned[mode] = seen[0], _losses(metrics), _untuned(metrics)
+        encoded[mode], decoded[mode], losses[mode] = seen[0], tuple(read), _losses(metrics)
+        untuned[mode] = _untuned(metrics)
     assert encoded == {"off": 28, "memory": 12, "disk": 12, "disk-again": 0}
+    assert decoded == {"off": (28, 28), "memory": (12, 12), "disk": (12, 12), "disk-again": (0, 0)}
     assert len(untuned["off"]) == 1
     assert all(u == pytest.approx(untuned["off"], abs=1e-6) for u in untuned.values()), untuned
-    assert len(losses["off"]) == 2 + 2  # 1 step and 1 validation per epoch
+    assert len(losses["off"]) == 2 + 2 * 3  # 1 step and 1 validation (loss, Dice, box floor) per epoch
     for mode in ("memory", "disk", "disk-again"):
         assert losses[mode].keys() == losses["off"].keys()
         for k, v in losses["off"].items():
@@ -164,15 +192,15 @@ def test_module_keys_follow_the_encoder_weights_and_the_preprocessing(shapes_roo
 
     module = DecoderOnly("sam-tiny")
     module.configure_model()
-    batch = {"image_paths": [str(next((shapes_root / "train").glob("*.jpg")))]}
-    base = module._cache_keys(batch)
-    assert module._cache_keys(batch) == base
+    paths = [str(next((shapes_root / "train").glob("*.jpg")))]
+    base = module._cache_keys(paths)
+    assert module._cache_keys(paths) == base
     module.preprocessing = replace(module.preprocessing, image_mean=(0.0, 0.0, 0.0))
-    other_preprocessing = module._cache_keys(batch)
+    other_preprocessing = module._cache_keys(paths)
     with torch.no_grad():
         next(module.model.vision_encoder.parameters()).view(-1)[0] += 1e-3
     module._fingerprint = None  # what setup does before each stage
-    other_weights = module._cache_keys(batch)
+    other_weights = module._cache_keys(paths)
     assert len({*base, *other_preprocessing, *other_weights}) == 3
 
 
@@ -318,3 +346,72 @@ def test_cached_rows_join_computed_rows_on_the_batch_device() -> None:
     cache.get_or_compute(["a"], torch.randn(1, 3, 4, 4), lambda p: p * 2)
     out = cache.get_or_compute(["a", "b"], torch.randn(2, 3, 4, 4, device="meta"), lambda p: p * 2, store=False)
     assert out.device.type == "meta" and out.shape == (2, 3, 4, 4)
+
+
+# --- cache hits skip the images ------------------------------------------------------------------------
+def _dataset(root: Path, stage: str, **kwargs):
+    from segtune.data import SegmentationDataModule
+
+    dm = SegmentationDataModule(root, preprocessing=Preprocessing(256, "longest", 64), **kwargs)
+    dm.setup(stage)
+    return dm, dm.datasets[stage]
+
+
+@pytest.mark.parametrize("split", ["coco", "masks"])
+def test_a_marked_image_is_not_decoded_and_its_sample_is_otherwise_the_same(
+    split: str, shapes_root: Path, masks_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # COCO knows the size from its json; the mask folder only from the image file's header
+    _, dataset = _dataset(shapes_root, "validate") if split == "coco" else _dataset(masks_root, "fit")
+    torch.manual_seed(0)  # training samples jitter their boxes with torch's generator
+    full = dataset[0]
+    dataset.mark_encoded([full["image_path"]])
+    with count_decoded_images(monkeypatch) as read:
+        torch.manual_seed(0)
+        skipped, other = dataset[0], dataset[1]
+    assert read == [1, 1]  # only the unmarked image
+    assert "pixel_values" not in skipped and "pixel_values" in other
+    assert skipped.keys() == full.keys() - {"pixel_values"}
+    for k, v in skipped.items():
+        assert torch.equal(v, full[k]) if isinstance(v, torch.Tensor) else v == full[k], k
+    dataset.clear_encoded()
+    assert "pixel_values" in dataset[0]
+
+
+def test_persistent_workers_see_images_marked_after_they_started(shapes_root: Path) -> None:
+    from segtune.data.batch import collate
+
+    _, dataset = _dataset(shapes_root, "validate")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, persistent_workers=True,
+                                         collate_fn=collate)  # fmt: skip
+    first = list(loader)
+    assert all("pixel_values" in b and "pixels_skipped" not in b for b in first)
+    dataset.mark_encoded(first[0]["image_paths"] + first[1]["image_paths"][:1])
+    second = list(loader)
+    assert "pixel_values" not in second[0] and second[0]["pixels_skipped"].tolist() == [True, True]
+    # a batch mixing both: zero rows where the image was skipped, the others as decoded
+    assert second[1]["pixels_skipped"].tolist() == [True, False]
+    assert not second[1]["pixel_values"][0].any()
+    assert torch.equal(second[1]["pixel_values"][1], first[1]["pixel_values"][1])
+
+
+def test_a_skipped_image_missing_from_the_cache_is_decoded_in_the_step(shapes_root: Path) -> None:
+    # the image was not decoded by the DataLoader, then its cache entry vanished: the step decodes it
+    from segtune.data.batch import collate
+    from segtune.methods import DecoderOnly
+
+    module = DecoderOnly("sam-tiny")
+    module.configure_model()
+    module.setup("fit")
+    module.embedding_cache = EmbeddingCache("memory")
+    _, dataset = _dataset(shapes_root, "validate")
+    dataset.pre = module.preprocessing
+    decoded = collate([dataset[0], dataset[1]])
+    dataset.mark_encoded(decoded["image_paths"][:1])
+    mixed = collate([dataset[0], dataset[1]])
+    with torch.no_grad():
+        expected = module(decoded)
+        module.embedding_cache.clear()
+        got = module(mixed)
+    assert module.embedding_cache.misses == 4  # both images computed, twice
+    assert torch.equal(got.pred_masks, expected.pred_masks)

@@ -110,3 +110,26 @@ def test_workers_that_restart_every_epoch_are_warned_about(shapes_root: Path, ca
         assert "persistent_workers" not in caplog.text
         SegmentationDataModule(shapes_root, cache_images=8, num_workers=2)
     assert "set data.init_args.persistent_workers: true" in caplog.text
+
+
+def test_mask_files_are_read_once_and_give_the_same_instances(
+    masks_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the second pass decodes the kept run lengths instead of reading, thresholding and splitting the files
+    import segtune.data.records
+
+    read = segtune.data.records.read_instances
+    calls: list[Path] = []
+
+    def counting(path: Path, *args):
+        calls.append(path)
+        return read(path, *args)
+
+    monkeypatch.setattr(segtune.data.records, "read_instances", counting)
+    dataset = _dataset(masks_root, "validate")
+    first = _pass(dataset)
+    assert len(calls) == len(dataset) > 0
+    second = _pass(dataset)
+    assert len(calls) == len(dataset)  # none read again
+    _assert_same(second, first)
+    assert any(len(s["masks"]) for s in first)

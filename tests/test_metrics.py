@@ -102,3 +102,17 @@ def test_filled_boxes_cover_exclusive_far_edges() -> None:
     masks = filled_boxes(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), (5, 5))
     assert masks.shape == (1, 5, 5)
     assert masks[0].nonzero().tolist() == [[2, 1], [2, 2], [3, 1], [3, 2]]
+
+
+def test_counted_scores_match_torchmetrics_on_random_masks() -> None:
+    # overlap counts bool pixels itself (torchmetrics copies every mask to int64 first): same numbers
+    from torchmetrics.functional.segmentation import dice_score, mean_iou
+
+    g = torch.Generator().manual_seed(0)
+    preds = torch.rand(6, 37, 53, generator=g) > torch.linspace(0.05, 0.95, 6)[:, None, None]
+    target = torch.rand(6, 37, 53, generator=g) > 0.5
+    p, t = preds[:, None].long(), target[:, None].long()
+    dice = dice_score(p, t, num_classes=1, include_background=True, average="none", input_format="one-hot")[:, 0]
+    iou = mean_iou(p, t, num_classes=1, include_background=True, per_class=True, input_format="one-hot")[:, 0]
+    assert torch.allclose(overlap(preds, target, "dice"), dice.float(), atol=1e-6)
+    assert torch.allclose(overlap(preds, target, "iou"), iou.float(), atol=1e-6)

@@ -263,6 +263,6 @@ def test_embedding_cache_keys_tell_slices_of_one_volume_apart(tmp_path: Path) ->
     method._fingerprint = "weights"  # what configure_model and the first step would compute
     method.preprocessing = preprocessing_for("sam-tiny")
     paths = [str(volume)] * 3
-    slices = method._cache_keys({"image_paths": paths, "image_keys": ["z=3", "z=4", "z=3"]})
+    slices = method._cache_keys(paths, ["z=3", "z=4", "z=3"])
     assert slices[0] != slices[1] and slices[0] == slices[2]
-    assert method._cache_keys({"image_paths": paths})[0] not in slices  # a 2D image's key: the file alone
+    assert method._cache_keys(paths)[0] not in slices  # a 2D image's key: the file alone

@@ -15,7 +15,7 @@ import torch
 class Sample(TypedDict, total=False):
     """One image as the dataset returns it (``N`` instances)."""
 
-    pixel_values: torch.Tensor  # [3, S, S] model input
+    pixel_values: torch.Tensor  # [3, S, S] model input; absent when the model holds the image's encoder output
     input_boxes: torch.Tensor  # [N, 4] xyxy in the model frame
     input_points: torch.Tensor  # [N, P, 2] xy in the model frame
     input_labels: torch.Tensor  # [N, P] 1 positive, 0 negative
@@ -40,6 +40,11 @@ class Batch(TypedDict, total=False):
     ``[B, N, 4]``, ``category_ids`` ``[B, N]`` (-1 on padding), ``original_sizes`` and
     ``reshaped_sizes`` ``[B, 2]``, ``masks`` (a list of ``[N_i, H_i, W_i]`` bool), ``image_ids``,
     ``file_names`` and ``image_paths`` (lists), ``image_keys`` (a list, when the samples have them).
+
+    Images whose samples carry no ``pixel_values`` (the model holds their image-encoder output, see
+    :meth:`segtune.data.dataset.InstanceDataset.mark_encoded`) are flagged in ``pixels_skipped``
+    ``[B]`` bool; their ``pixel_values`` rows are zeros, and a batch of only such images has no
+    ``pixel_values``.
     """
 
     pixel_values: torch.Tensor
@@ -50,6 +55,7 @@ class Batch(TypedDict, total=False):
     low_res_masks: torch.Tensor
     boxes: torch.Tensor
     category_ids: torch.Tensor
+    pixels_skipped: torch.Tensor
     original_sizes: torch.Tensor
     reshaped_sizes: torch.Tensor
     masks: list[torch.Tensor]
@@ -90,7 +96,6 @@ def collate(samples: list[Sample]) -> Batch:
     # image without prompts) still runs the model on a padding prompt instead of a 0-length tensor.
     n = max(1, *(len(s["category_ids"]) for s in samples))
     batch: dict[str, Any] = {
-        "pixel_values": _stack([s["pixel_values"] for s in samples]),
         "prompt_valid": _pad([torch.ones(len(s["category_ids"]), dtype=torch.bool) for s in samples], n, False),
         "low_res_masks": _pad([s["low_res_masks"] for s in samples], n),
         "boxes": _pad([s["boxes"] for s in samples], n),
@@ -104,6 +109,12 @@ def collate(samples: list[Sample]) -> Batch:
     }
     if "image_key" in samples[0]:
         batch["image_keys"] = [s.get("image_key", "") for s in samples]
+    skipped = [s for s in samples if "pixel_values" not in s]
+    if len(skipped) < len(samples):
+        first = next(s["pixel_values"] for s in samples if "pixel_values" in s)
+        batch["pixel_values"] = _stack([s.get("pixel_values", torch.zeros_like(first)) for s in samples])
+    if skipped:
+        batch["pixels_skipped"] = torch.tensor(["pixel_values" not in s for s in samples])
     if "input_boxes" in samples[0]:
         boxes = _pad([s["input_boxes"] for s in samples], n)
         boxes[~batch["prompt_valid"]] = torch.tensor([0.0, 0.0, 1.0, 1.0])

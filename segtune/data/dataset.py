@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
-from segtune.data.image_cache import ImageCache
+from segtune.data.image_cache import ImageCache, MaskCache
+from segtune.data.images import image_size
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
 from segtune.data.records import ImageRecord
@@ -35,6 +36,12 @@ class InstanceDataset(Dataset):
             files; ``index + 1`` when not given.
         cache_images: keep decoded images (after the intensity policy) in memory up to this many
             MiB, so later epochs do not decode them again (0: off). See :mod:`segtune.data.image_cache`.
+
+    Images the model already holds the image-encoder output of (an embedding cache, see
+    :meth:`mark_encoded`) are not decoded: their samples carry no ``pixel_values``, and their size
+    comes from the json or the file's header. The flags live in shared memory, so DataLoader
+    workers (persistent or not) see what the main process marks. Instance masks read from mask
+    files are kept run-length encoded after the first read (:class:`~segtune.data.image_cache.MaskCache`).
     """
 
     def __init__(
@@ -59,6 +66,39 @@ class InstanceDataset(Dataset):
         self.category_ids = list(category_ids) if category_ids is not None else None
         where = str(self.records[0].path.parent) if self.records else "dataset"
         self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
+        self.mask_cache = MaskCache()
+        # one flag per image, shared with worker processes (forked or spawned) through shared memory
+        self.encoded = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
+        # an image is its file and, for a file of several images (a volume's slices), its image_key
+        self._index = {(str(r.path), r.image_key): i for i, r in enumerate(self.records)}
+
+    def mark_encoded(self, paths: Sequence[str], encoded: bool = True, keys: Sequence[str] | None = None) -> None:
+        """Say whether the model holds the image-encoder output of these images.
+
+        Marked images are read without decoding (no ``pixel_values`` in their samples); only the
+        step that holds their encoder output can use such a sample. Images not in the dataset are
+        ignored; augmented training data is always decoded.
+
+        Args:
+            paths: image files (as in ``Sample["image_path"]``).
+            encoded: True to skip decoding them, False to decode them again.
+            keys: which image of each file (``Sample["image_key"]``; None: each file is one image).
+        """
+        keys = keys or [""] * len(paths)
+        rows = [self._index[k] for k in zip(paths, keys, strict=True) if k in self._index]
+        if rows:
+            self.encoded[rows] = encoded
+
+    def pixels(self, path: str, key: str = "") -> torch.Tensor | None:
+        """The model input of one image of this dataset, decoded now (None: not one of its images)."""
+        index = self._index.get((path, key))
+        if index is None:
+            return None
+        return preprocess_image(self._image(index, self.records[index]), self.pre)[0]
+
+    def clear_encoded(self) -> None:
+        """Decode every image again (the model dropped the encoder outputs it held)."""
+        self.encoded.zero_()
 
     def category_id(self, class_index: int) -> int:
         """The dataset's own id of class ``class_index`` (``index + 1`` when the data has none)."""
@@ -76,26 +116,23 @@ class InstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        image = self._image(index, record)
-        size = image.shape[:2]
-        if record.height is not None and size != (record.height, record.width):
-            raise ValueError(
-                f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
-            )
+        image, size = self._image_and_size(index, record)
         if record.boxes is not None or record.points is not None:  # given prompts (predict): no ground truth
             return self.make_sample(
-                image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points
-            )
-        masks, classes = record.instances(size)
+                image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points,
+                size=size,
+            )  # fmt: skip
+        masks, classes = self._instances(index, record, size)
         rng = self._rng(record)
         if self.augment is not None and masks:
             image, masks, classes = self._augment(image, masks, classes, rng)
+            size = image.shape[:2]
         keep = [i for i, m in enumerate(masks) if m.any()]
         if self.train and len(keep) > self.prompts.max_instances:
             keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
         masks = [masks[i] for i in keep]
         classes = [classes[i] for i in keep]
-        return self.make_sample(image, masks, classes, record, rng)
+        return self.make_sample(image, masks, classes, record, rng, size=size)
 
     def _augment(
         self, image: np.ndarray, masks: list[np.ndarray], classes: list[int], rng: np.random.Generator
@@ -125,6 +162,26 @@ class InstanceDataset(Dataset):
             return image, masks, classes
         return new_image, [augmented[i] for i in kept], [classes[i] for i in kept]
 
+    def _image_and_size(self, index: int, record: ImageRecord) -> tuple[np.ndarray | None, tuple[int, int]]:
+        """The decoded image and its ``(H, W)``; no image for one the model holds the encoder output of."""
+        if self.encoded[index] and self.augment is None:
+            # checked against the file when it was decoded, in the pass that encoded it
+            size = (record.height, record.width) if record.height is not None else image_size(record.path)
+            return None, (int(size[0]), int(size[1]))
+        image = self._image(index, record)
+        size = image.shape[:2]
+        if record.height is not None and size != (record.height, record.width):
+            raise ValueError(
+                f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
+            )
+        return image, (int(size[0]), int(size[1]))
+
+    def _instances(self, index: int, record: ImageRecord, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
+        """The record's instance masks; a mask file's are read once and kept run-length encoded."""
+        if record.mask_path is None:  # COCO / LabelMe shapes: decoding them costs about as much as the cache would
+            return record.instances(size)
+        return self.mask_cache.get(index, size, lambda: record.instances(size))
+
     def _image(self, index: int, record: ImageRecord) -> np.ndarray:
         def decode() -> np.ndarray:
             return record.decode(self.intensity)
@@ -136,18 +193,19 @@ class InstanceDataset(Dataset):
 
     def make_sample(
         self,
-        image: np.ndarray,
+        image: np.ndarray | None,
         masks: list[np.ndarray],
         classes: list[int],
         record: ImageRecord,
         rng: np.random.Generator,
         boxes: np.ndarray | None = None,
         points: np.ndarray | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Sample:
         """Build prompts from ``masks`` (or take the given ``boxes`` or ``[N, P, 3]`` ``points``) and put
-        everything in the model frame."""
-        size = image.shape[:2]
-        pixel_values, reshaped = preprocess_image(image, self.pre)
+        everything in the model frame; without ``image`` (its encoder output is held), no ``pixel_values``."""
+        size = image.shape[:2] if size is None else size
+        reshaped = self.pre.resized_shape(*size)
         given_points = points is not None
         if given_points:  # no box prompt; the box metadata (no floor is scored in predict) stays empty
             boxes = np.zeros((len(points), 4), np.float32)
@@ -159,7 +217,6 @@ class InstanceDataset(Dataset):
             mask_t = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *size, dtype=torch.bool)
             boxes = np.stack([mask_to_box(m) for m in masks]) if masks else np.zeros((0, 4), np.float32)
         sample: Sample = {
-            "pixel_values": pixel_values,
             "boxes": torch.from_numpy(boxes),
             "low_res_masks": masks_to_low_res(mask_t, self.pre, reshaped),
             "masks": mask_t,
@@ -172,6 +229,8 @@ class InstanceDataset(Dataset):
         }
         if record.image_key:  # one of several images in one file (a volume's slice)
             sample["image_key"] = record.image_key
+        if image is not None:
+            sample["pixel_values"] = preprocess_image(image, self.pre)[0]
         if given_points:
             sample["input_points"] = scale_coords(torch.from_numpy(points[:, :, :2].copy()), size, reshaped)
             sample["input_labels"] = torch.from_numpy(points[:, :, 2].astype(np.int64))

@@ -164,6 +164,25 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """The ``(height, width)`` of an image file, read from its header without decoding the pixels.
+
+    Pillow opens files lazily, so this reads a few bytes; a file Pillow cannot open (a float TIFF
+    that only OpenCV reads) is decoded instead.
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width  # the first frame's size, as read_image decodes it
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return read_image(path).shape[:2]
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Decode a mask file to ``[H, W]`` (palette indices kept) or ``[H, W, C]`` values.
 

@@ -267,10 +267,12 @@ def _slice_records(store: VolumeStore, values: list[int], options: VolumeOptions
             for s in sorted(picked.tolist()):
                 prompt_from[s] = int(foreground[np.argmin(np.abs(foreground - s))])
             chosen += list(prompt_from)
+        height, width = volume.image.shape[1:3]  # known, so a slice the model holds needs no decoding
         for s in sorted(int(s) for s in chosen):
             records.append(
-                SliceRecord(len(records), volume.case.image, store=store, case=case, index=s, values=values,
-                            options=options, prompt_from=prompt_from.get(s), axis_name=volume.axis_name)
+                SliceRecord(len(records), volume.case.image, height=int(height), width=int(width), store=store,
+                            case=case, index=s, values=values, options=options, prompt_from=prompt_from.get(s),
+                            axis_name=volume.axis_name)
             )  # fmt: skip
     return records
 

@@ -121,6 +121,7 @@ class SegmentationModule(LightningModule):
         self.preprocessing: Preprocessing | None = None
         self.class_names: list[str] = []
         self._collapse_warned = False
+        self._collapsed_before = False  # the previous validation epoch predicted nothing either
         if self.trainable_only_checkpoint:
             self.strict_loading = False  # frozen weights are rebuilt, not loaded: checked in on_load_checkpoint
 
@@ -250,22 +251,34 @@ class SegmentationModule(LightningModule):
         self._check_collapse(stage)
 
     def _check_collapse(self, stage: str) -> None:
-        """Warn once when every prediction of an evaluation epoch is empty while ground truth is not."""
+        """Warn once when every prediction is empty while ground truth is not: in test, or in two validation
+        epochs in a row (a first empty validation is common early in a run: it is logged, not warned)."""
         empty = getattr(self, f"{stage}_empty")
         counts = {k: int(v) for k, v in empty.compute().items()}
         empty.reset()
+        if self.trainer.sanity_checking:
+            return
         collapsed = counts["targets"] > 0 and counts["predicted"] == 0
-        if not collapsed or self._collapse_warned or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        persisted = stage == "test" or self._collapsed_before
+        if stage == "val":
+            self._collapsed_before = collapsed
+        if not collapsed or self._collapse_warned or not self.trainer.is_global_zero:
+            return
+        name = {"val": "validation", "test": "test"}[stage]
+        what = f"every {name} prediction is empty (0 of {counts['targets']} instances with a ground-truth mask got one)"
+        if not persisted:
+            log.info(
+                "epoch %d: %s; common in the first epochs of a run (a random or new decoder starts near background); "
+                "a warning follows if the next validation is empty too", self.current_epoch, what,
+            )  # fmt: skip
             return
         self._collapse_warned = True
-        name = {"val": "validation", "test": "test"}[stage]
         log.warning(
-            "epoch %d: every %s prediction is empty (0 of %d instances with a ground-truth mask got one): the model "
-            "predicts background everywhere. Try a larger model.init_args.dice_weight against mask_weight (an "
-            "empty mask scores Dice 0), a larger input or crops so objects cover more of it (albumentations "
-            "RandomCrop, RandomResizedCrop), or fewer prompts per image (data.init_args.prompts.max_instances); "
-            "not repeated for later epochs",
-            self.current_epoch, name, counts["targets"],
+            "epoch %d: %s%s: the model predicts background everywhere. Try a larger model.init_args.dice_weight "
+            "against mask_weight (an empty mask scores Dice 0), a larger input or crops so objects cover more of it "
+            "(albumentations RandomCrop, RandomResizedCrop), or fewer prompts per image "
+            "(data.init_args.prompts.max_instances); not repeated for later epochs",
+            self.current_epoch, what, "" if stage == "test" else ", as in the validation before",
         )  # fmt: skip
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:

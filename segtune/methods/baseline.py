@@ -49,7 +49,10 @@ class FullFinetune(SegmentationModule):
             file, so a change to any of them recomputes. Refuses training-data augmentations (the
             images must be the same every epoch); prompt jitter is fine. Per image (float32): 4 MiB
             for SAM, 16-24 MiB for SAM-HQ, 84 MiB for SAM2. ``memory`` keeps only what fit
-            computes (validate, test and predict alone see each image once).
+            computes (validate, test and predict alone see each image once). The DataLoader does
+            not decode an image the cache holds (training, validation and test datasets; a disk
+            cache from an earlier run counts from the first batch): its sample carries masks,
+            prompts and sizes, no ``pixel_values``.
         embedding_cache_dir: the ``disk`` cache's folder (default: ``embedding_cache`` in the
             Trainer's ``default_root_dir``, ``runs/embedding_cache``).
         **kwargs: see :class:`~segtune.methods.base.SegmentationModule`.
@@ -114,7 +117,13 @@ class FullFinetune(SegmentationModule):
         cache = self.embedding_cache
         # validate, test and predict see each image once: memory would fill up for nothing (disk helps a rerun)
         store = cache.mode == "disk" or self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING
-        encoded = cache.get_or_compute(self._cache_keys(batch), batch["pixel_values"], self._encode, store)
+        paths, keys = self._image_paths(batch), batch.get("image_keys")
+        encoded = cache.get_or_compute(
+            self._cache_keys(paths, keys), lambda rows: self._pixel_rows(batch, rows), self._encode, store, self.device
+        )
+        if store:  # the cache now holds every image of the batch: the DataLoader need not decode them again
+            for dataset in self._datasets():
+                dataset.mark_encoded(paths, keys=keys)
         if not self._cache_logged and cache.bytes_per_image:
             self._cache_logged = True
             if self._trainer is None or self._trainer.is_global_zero:
@@ -122,20 +131,72 @@ class FullFinetune(SegmentationModule):
         # pixel_values=None: the sanitiser drops it, so the model runs from the embeddings alone
         return super().forward({**batch, "pixel_values": None, **embedding_inputs(self.model, encoded)})
 
-    def _cache_keys(self, batch: Batch) -> list[str]:
+    @staticmethod
+    def _image_paths(batch: Batch) -> list[str]:
+        paths = batch.get("image_paths")
+        if not paths:
+            raise ValueError("embedding_cache needs the batch's image_paths (a custom dataset must provide image_path)")
+        return paths
+
+    def _pixel_rows(self, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """The model input of the batch rows whose encoder output the cache lacks."""
+        skipped = batch.get("pixels_skipped")
+        pixels = batch.get("pixel_values")
+        if skipped is None or not skipped[rows].any():
+            return pixels if len(rows) == len(pixels) else pixels[rows]
+        # not decoded by the DataLoader, yet missing now (its file or cache file changed since it was
+        # cached): decoded here, as the dataset decodes it (the cache refuses augmentations)
+        keys = batch.get("image_keys") or [""] * len(batch["image_paths"])
+        out = []
+        for i in rows:
+            if not skipped[i]:
+                out.append(pixels[i])
+                continue
+            path, key = batch["image_paths"][i], keys[i]
+            log.info("embedding cache: %s %s is no longer cached; decoding it again", path, key)
+            decoded = next((d.pixels(path, key) for d in self._datasets() if d.pixels(path, key) is not None), None)
+            if decoded is None:
+                raise ValueError(f"{path}: its encoder output left the embedding cache and it is in no dataset")
+            out.append(decoded.to(self.device))
+        return torch.stack(out)
+
+    def _datasets(self) -> list[Any]:
+        """The datasets of this run whose images can skip decoding (predict's automatic masks need the pixels)."""
+        datasets = getattr(getattr(self._trainer, "datamodule", None), "datasets", None) or {}
+        return [d for stage, d in datasets.items() if stage != "predict" and hasattr(d, "mark_encoded")]
+
+    def _mark_disk_cached(self) -> None:
+        """Tell the datasets which images a disk cache already holds (from an earlier run), before they are read."""
+        if self.embedding_cache is None or self.embedding_cache.mode != "disk":
+            return
+        for dataset in self._datasets():
+            records = [r for r in dataset.records if r.path.is_file()]  # a missing file fails when read
+            paths, keys = [str(r.path) for r in records], [r.image_key for r in records]
+            cached = [self.embedding_cache.path(k).is_file() for k in self._cache_keys(paths, keys)]
+            hits = [i for i, hit in enumerate(cached) if hit]
+            dataset.mark_encoded([paths[i] for i in hits], keys=[keys[i] for i in hits])
+
+    def on_fit_start(self) -> None:
+        self._mark_disk_cached()  # checkpoint weights are restored by now, no DataLoader has started
+
+    def on_test_start(self) -> None:
+        self._mark_disk_cached()  # after the first batch was read: that one is decoded anyway
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            self._mark_disk_cached()
+
+    def _cache_keys(self, paths: list[str], keys: list[str] | None = None) -> list[str]:
         if self._fingerprint is None:
             start = time.perf_counter()
             self._fingerprint = weights_fingerprint(unwrap(self.model).vision_encoder)
             if self._trainer is None or self._trainer.is_global_zero:
                 log.info("embedding cache: image encoder fingerprinted in %.1f s", time.perf_counter() - start)
-        paths = batch.get("image_paths")
-        if not paths:
-            raise ValueError("embedding_cache needs the batch's image_paths (a custom dataset must provide image_path)")
         trainer = self._trainer
         intensity = repr(getattr(getattr(trainer, "datamodule", None), "intensity", None))
         precision = str(trainer.precision) if trainer is not None else ""
         # a volume's slices share its file: the slice (image_keys) is part of each key
-        keys = batch.get("image_keys") or [""] * len(paths)
+        keys = keys or [""] * len(paths)
         return [
             cache_key(self._fingerprint, repr(self.preprocessing), intensity, p, f"{precision}{'|' + k if k else ''}")
             for p, k in zip(paths, keys, strict=True)
@@ -160,8 +221,10 @@ class FullFinetune(SegmentationModule):
         log.info("embedding cache in %s: %.3g MiB per image%s", where, per_image / 2**20, total)
 
     def on_fit_end(self) -> None:
-        if self.embedding_cache is not None:
+        if self.embedding_cache is not None and self.embedding_cache.mode == "memory":
             self.embedding_cache.clear()  # a test or predict run in the same process does not read them
+            for dataset in self._datasets():
+                dataset.clear_encoded()
 
     def on_train_epoch_end(self) -> None:
         cache = self.embedding_cache

@@ -152,31 +152,39 @@ class EmbeddingCache:
     def get_or_compute(
         self,
         keys: Sequence[str],
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | Callable[[list[int]], torch.Tensor],
         compute: Callable[[torch.Tensor], Encoded],
         store: bool = True,
+        device: torch.device | str | None = None,
     ) -> Encoded:
         """The encoder outputs of a batch: cached images are read, only the others are computed.
 
         Args:
             keys: one :func:`cache_key` per image of the batch.
-            pixel_values: ``[B, 3, S, S]`` model input; rows of cached images are not used.
+            pixel_values: ``[B, 3, S, S]`` model input (rows of cached images are not used), or a
+                function giving the ``[b, 3, S, S]`` rows of the batch indices it is passed, called
+                only for the missing images (a batch whose images were not decoded).
             compute: maps ``[b, 3, S, S]`` to one ``[b, ...]`` tensor or a list of them (several
                 feature levels); called once per batch, on the missing rows only, and not at all
                 when every image is cached.
             store: keep what is computed (False: a single pass that would only fill memory).
+            device: where the result goes (default: ``pixel_values``'s device, else the CPU).
 
         Returns:
-            What ``compute`` returns, for the whole batch, on ``pixel_values``'s device.
+            What ``compute`` returns, for the whole batch.
         """
-        if len(keys) != len(pixel_values):
+        tensor = isinstance(pixel_values, torch.Tensor)
+        if tensor and len(keys) != len(pixel_values):
             raise ValueError(f"embedding cache: {len(keys)} keys for a batch of {len(pixel_values)} images")
         found = [self._read(key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            rows = pixel_values if len(missing) == len(keys) else pixel_values[missing]
+            if not tensor:
+                rows = pixel_values(missing)
+            else:
+                rows = pixel_values if len(missing) == len(keys) else pixel_values[missing]
             computed = compute(rows)
             single = isinstance(computed, torch.Tensor)
             levels = (computed,) if single else tuple(computed)
@@ -187,7 +195,7 @@ class EmbeddingCache:
             if self.bytes_per_image is None:
                 self.bytes_per_image = sum(t.numel() * t.element_size() for t in found[missing[0]][1])
         single = found[0][0]
-        device = pixel_values.device
+        device = device if device is not None else pixel_values.device if tensor else "cpu"
         batched = []
         for level in range(len(found[0][1])):
             # a freshly computed row sets the dtype, so a batch never mixes dtypes

@@ -8,8 +8,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
+from segtune.models.presets import PRESETS
 from tests.conftest import ROOT
+from tests.test_configs import TINY
 
 README = (ROOT / "README.md").read_text()
 BASH_LINES = [
@@ -46,7 +49,9 @@ def checkpoint(quickstart_checkpoint: Path) -> Path:
 
 
 @pytest.mark.parametrize("line", SEGTUNE_LINES)
-def test_segtune_command_runs(line: str, run_cli, checkpoint: Path, shapes_root: Path, monkeypatch) -> None:
+def test_segtune_command_runs(
+    line: str, run_cli, checkpoint: Path, shapes_root: Path, masks_root: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")  # configs/wandb.yaml: never ask for a W&B account here
     args = shlex.split(line)[1:]
     args = [str(checkpoint) if a in ("CKPT", "<best") else a for a in args]
@@ -82,6 +87,20 @@ def test_segtune_command_runs(line: str, run_cli, checkpoint: Path, shapes_root:
         args = args[: args.index(str(checkpoint)) + 1]
     args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
     args = [str(shapes_root) if a == "/path/to/export" else a for a in args]
+    # the shared Kvasir subset: the small image/mask folder set here; a config's real checkpoint:
+    # the tiny random model of its family (tests/test_litemedsam.py runs the real one)
+    args = [str(masks_root) if a.startswith("../shared/data/kvasir") else a for a in args]
+    config = next((Path(a) for a in args if a.endswith(".yaml")), None)
+    if config is not None and "--model.init_args.model" not in args:
+        preset = PRESETS.get(yaml.safe_load(config.read_text())["model"]["init_args"]["model"])
+        if preset is not None and preset.config is None:
+            args += ["--model.init_args.model", TINY[preset.model_class]]
+            if str(checkpoint) in args:  # the quickstart's checkpoint does not fit this config: fit one
+                run_cli("fit", *[a for a in args[1:] if a != str(checkpoint) and a != "--ckpt_path"],
+                        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                        "--trainer.limit_val_batches", "1")  # fmt: skip
+                own = str(next(Path("runs").glob("*/version_0/checkpoints/best-*.ckpt")))
+                args = [own if a == str(checkpoint) else a for a in args]
     # the quickstart's data folder (data/shapes) is the small test set here
     args = [str(shapes_root / a.removeprefix("data/shapes/")) if a.startswith("data/shapes/") else a for a in args]
     if "points.json" in args:  # "Use your model": one positive point in the first test image

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import segtune.data.dataset
+import segtune.data.records
 from segtune.data import Preprocessing, SegmentationDataModule
 from segtune.data.image_cache import ImageCache
 
@@ -22,13 +23,13 @@ IMAGE_BYTES = 240 * 320 * 3  # the synthetic shapes are 320 x 240 RGB
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The files the dataset decodes, in order."""
     calls: list[Path] = []
-    read = segtune.data.dataset.read_image
+    read = segtune.data.records.read_image
 
     def counting(path: Path) -> np.ndarray:
         calls.append(path)
         return read(path)
 
-    monkeypatch.setattr(segtune.data.dataset, "read_image", counting)
+    monkeypatch.setattr(segtune.data.records, "read_image", counting)
     return calls
 
 

@@ -14,6 +14,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from segtune.data.batch import Batch
+from segtune.data.images import read_image
+from segtune.data.intensity import to_model_range
 from segtune.methods.base import SegmentationModule
 from segtune.models.embedding_cache import (
     EmbeddingCache,
@@ -23,6 +25,7 @@ from segtune.models.embedding_cache import (
     weights_fingerprint,
 )
 from segtune.models.sanitise import unwrap
+from segtune.preprocessing import preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +157,13 @@ class FullFinetune(SegmentationModule):
                 continue
             path, key = batch["image_paths"][i], keys[i]
             log.info("embedding cache: %s %s is no longer cached; decoding it again", path, key)
-            decoded = next((d.pixels(path, key) for d in self._datasets() if d.pixels(path, key) is not None), None)
+            # by the dataset that holds it (a volume's slice needs its dataset); a plain image file directly
+            decoded = next((px for d in self._datasets() if (px := d.pixels(path, key)) is not None), None)
+            if decoded is None and not key:
+                image = to_model_range(read_image(Path(path)), self.intensity, path)
+                decoded = preprocess_image(image, self.preprocessing)[0]
             if decoded is None:
-                raise ValueError(f"{path}: its encoder output left the embedding cache and it is in no dataset")
+                raise ValueError(f"{path} {key}: its encoder output left the embedding cache and it is in no dataset")
             out.append(decoded.to(self.device))
         return torch.stack(out)
 

@@ -95,18 +95,27 @@ def read_instances(path: Path, fmt: MaskFormat, size: tuple[int, int]) -> tuple[
         semantic = [(_foreground_values(mask, fmt), 0)]
     else:
         semantic = [(mask == v, int(v) - 1) for v in np.unique(mask) if v > 0]
+    return split_instances(semantic, fmt.instances, fmt.min_area)
+
+
+def split_instances(
+    semantic: list[tuple[np.ndarray, int]], rule: Literal["semantic", "components"], min_area: int
+) -> tuple[list[np.ndarray], list[int]]:
+    """Per-class regions -> instance masks and class indices by the instance rule (mask files and
+    volume slices share it): a class's whole region, or each 8-connected component of at least
+    ``min_area`` pixels. Empty regions give none."""
     masks: list[np.ndarray] = []
     classes: list[int] = []
     for region, cls in semantic:
         if not region.any():
             continue
-        if fmt.instances == "semantic":
+        if rule == "semantic":
             masks.append(region)
             classes.append(cls)
             continue
         count, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
         for c in range(1, count):
-            if stats[c, cv2.CC_STAT_AREA] >= fmt.min_area:
+            if stats[c, cv2.CC_STAT_AREA] >= min_area:
                 masks.append(labels == c)
                 classes.append(cls)
     return masks, classes

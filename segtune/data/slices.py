@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -30,6 +29,7 @@ from torch.utils.data import Dataset
 from segtune.data.batch import Sample
 from segtune.data.dataset import InstanceDataset
 from segtune.data.intensity import IntensityPolicy, gray_to_rgb, volume_to_model_range
+from segtune.data.masks import split_instances
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord
 from segtune.data.volumes import (
@@ -177,21 +177,8 @@ def slice_instances(
     label: np.ndarray, values: Sequence[int], options: VolumeOptions
 ) -> tuple[list[np.ndarray], list[int]]:
     """The objects of one ``[H, W]`` label slice: bool masks and their class indices (``values.index``)."""
-    masks, classes = [], []
-    for cls, value in enumerate(values):
-        region = label == value
-        if not region.any():
-            continue
-        if options.instances == "semantic":
-            masks.append(region)
-            classes.append(cls)
-            continue
-        count, parts, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
-        for c in range(1, count):
-            if stats[c, cv2.CC_STAT_AREA] >= options.min_area:
-                masks.append(parts == c)
-                classes.append(cls)
-    return masks, classes
+    regions = [(label == value, cls) for cls, value in enumerate(values)]
+    return split_instances(regions, options.instances, options.min_area)
 
 
 @dataclass

@@ -48,11 +48,12 @@ needs_flakes = pytest.mark.skipif(not FLAKES.is_dir(), reason=f"real data not fo
 SPLITS = (0, 0, 8)
 #: Of the flakes export's 21 ``valid`` images, these many train (seeded shuffle); the rest validate.
 FLAKES_TRAIN = 15
-#: The short fit: 3 epochs of the config's decoder-only recipe (cosine schedule over them).
-FLAKES_FIT = ["--trainer.max_epochs", "3"]
+#: The short fit: 4 epochs of the config's decoder-only recipe, warm-up shortened to one epoch's 4 steps.
+FLAKES_FIT = ["--trainer.max_epochs", "4", "--model.init_args.warmup_steps", "4"]
 #: segtune test with the untuned model beside the checkpoint (an added TestReport replaces the default one).
 SIDE_BY_SIDE = ["--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true"]
-#: The held-out Dice gain asserted (see the measured one in the test).
+#: The held-out Dice gain asserted. Measured with FLAKES_FIT: untuned 0.5680 -> 0.6937 on the 87 test
+#: instances, validation +0.1176 [95% CI +0.0759, +0.1562] over 96 (10 epochs: 0.5680 -> 0.7307).
 MARGIN = 0.05
 
 

@@ -51,6 +51,19 @@ CANDIDATES: dict[str, tuple[list[str], int | None, str | None]] = {
         1,
         None,
     ),  # fmt: skip
+    "cache_images 0": (["--data.init_args.cache_images", "0"], None, None),
+    "cache_images 0 + num_workers 1": (
+        [
+            "--data.init_args.cache_images",
+            "0",
+            "--data.init_args.num_workers",
+            "1",
+            "--data.init_args.persistent_workers",
+            "true",
+        ],
+        None,
+        None,
+    ),  # fmt: skip
 }
 
 

@@ -55,7 +55,10 @@ class VolumeScoring:
         min_pixels: a prediction with fewer pixels has vanished: propagation stops there.
         slice_batch: slices per model call in the per-slice ground-truth-box pass.
         slice_scores: also score every slice with its ground-truth boxes (``slice_dice``,
-            ``box_dice``); one more model call per slice with foreground.
+            ``box_dice``); one more decoder call per slice with foreground.
+        slice_cache_mib: the image encoder's outputs of a case's slices kept while the case is scored,
+            in MiB, so that each slice is encoded once for every object, direction and pass (4 MiB a
+            slice for SAM, MedSAM and LiteMedSAM; 84 MiB for SAM2); 0 encodes a slice at every call.
     """
 
     tolerance_mm: float = 2.0
@@ -63,6 +66,7 @@ class VolumeScoring:
     min_pixels: int = 1
     slice_batch: int = 8
     slice_scores: bool = True
+    slice_cache_mib: int = 2048
 
 
 # --- objects and propagation ---------------------------------------------------------------------------
@@ -183,18 +187,26 @@ def class_scores(
 
 
 # --- running a module on slices ---------------------------------------------------------------------------
-def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8) -> Callable[..., list[np.ndarray]]:
+def slice_predictor(
+    module: Any, volume: PreparedVolume, batch_size: int = 8, cache_mib: int = 0
+) -> Callable[..., list[np.ndarray]]:
     """``predict(slice_indices, prompts)`` running ``module`` (a :class:`~segtune.methods.base.SegmentationModule`)
-    on slices of ``volume``, ``batch_size`` slices per call; several prompts may share a slice."""
+    on slices of ``volume``, ``batch_size`` slices per call; several prompts may share a slice.
+
+    Propagation prompts a slice once per object and direction, and the ground-truth-box pass once
+    more: with ``cache_mib`` the image encoder's output of each slice is kept (up to that many MiB,
+    the oldest dropped first) so the encoder, nearly all of a call's cost, runs once per slice.
+    """
     pre: Preprocessing = module.preprocessing
-    encoded: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+    pixels: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+    kept = SliceEncodings(module, cache_mib)
 
     def sample(k: int, prompts: list[np.ndarray]) -> Sample:
-        if k not in encoded:  # the slice's pixels are prepared once for every prompt and pass
-            if len(encoded) > 64:
-                encoded.clear()
-            encoded[k] = preprocess_image(gray_to_rgb(volume.image[k]), pre)
-        pixel_values, reshaped = encoded[k]
+        if k not in pixels:  # the slice's pixels are prepared once for every prompt and pass
+            if len(pixels) > 64:
+                pixels.clear()
+            pixels[k] = preprocess_image(gray_to_rgb(volume.image[k]), pre)
+        pixel_values, reshaped = pixels[k]
         size = tuple(volume.image.shape[1:])
         n = len(prompts)
         s: Sample = {
@@ -223,14 +235,54 @@ def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8) ->
             chunk = slices[start : start + batch_size]
             kinds = {prompts[by_slice[k][0]].ndim for k in chunk}
             assert len(kinds) == 1, "one kind of prompt per call"
-            batch = collate([sample(k, [prompts[i] for i in by_slice[k]]) for k in chunk])
-            batch = move_data_to_device(batch, module.device)
-            for k, predicted in zip(chunk, predictions(module(batch), batch, pre), strict=True):
+            samples = [sample(k, [prompts[i] for i in by_slice[k]]) for k in chunk]
+            batch = move_data_to_device(collate(samples), module.device)
+            output = kept.forward(chunk, samples, batch)
+            for k, predicted in zip(chunk, predictions(output, batch, pre), strict=True):
                 for j, i in enumerate(by_slice[k]):
                     out[i] = predicted.masks[j].cpu().numpy()
         return out  # type: ignore[return-value]
 
     return predict
+
+
+class SliceEncodings:
+    """The image encoder's outputs of one volume's slices, kept up to ``budget_mib`` while it is scored.
+
+    Args:
+        module: the :class:`~segtune.methods.base.SegmentationModule` that scores.
+        budget_mib: MiB kept (0: nothing kept, every call runs the whole model).
+    """
+
+    def __init__(self, module: Any, budget_mib: int) -> None:
+        self.module = module
+        self.budget = int(budget_mib) * 2**20
+        self.slices: dict[int, list[torch.Tensor]] = {}  # insertion order: the oldest first
+        self.used = 0
+
+    def forward(self, chunk: Sequence[int], samples: Sequence[Sample], batch: dict[str, Any]) -> Any:
+        """The module's output for ``batch``, collated from ``samples`` of the slices ``chunk``."""
+        if self.budget <= 0 or not hasattr(self.module, "forward_encoded"):  # (a stand-in model: whole calls)
+            return self.module(batch)
+        missing = [i for i, k in enumerate(chunk) if k not in self.slices]
+        fresh: dict[int, list[torch.Tensor]] = {}
+        if missing:  # encoded by the module: a method's own embedding cache is asked first
+            sub = move_data_to_device(collate([samples[i] for i in missing]), self.module.device)
+            levels = self.module.encode(sub)
+            fresh = {chunk[i]: [level[j : j + 1] for level in levels] for j, i in enumerate(missing)}
+        rows = [self.slices[k] if k in self.slices else fresh[k] for k in chunk]
+        encoded = [torch.cat([row[level] for row in rows]) for level in range(len(rows[0]))]
+        for k, row in fresh.items():
+            self._keep(k, row)
+        return self.module.forward_encoded(batch, encoded)
+
+    def _keep(self, k: int, row: list[torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in row)
+        while self.slices and self.used + size > self.budget:
+            self.used -= sum(t.numel() * t.element_size() for t in self.slices.pop(next(iter(self.slices))))
+        if size <= self.budget:
+            self.slices[k] = row
+            self.used += size
 
 
 def score_case(
@@ -243,7 +295,7 @@ def score_case(
     options: VolumeOptions = item["options"]
     label = volume.label
     assert label is not None
-    predict = slice_predictor(module, volume, scoring.slice_batch)
+    predict = slice_predictor(module, volume, scoring.slice_batch, scoring.slice_cache_mib)
     found = volume_objects(label, values, options)
     starts = [middle_slice(mask) for _, mask in found]
     boxes = [mask_to_box(mask[k]) for (_, mask), k in zip(found, starts, strict=True)]
@@ -338,7 +390,7 @@ def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction
     scoring: VolumeScoring = module.volume_scoring
     for item in batch["volumes"]:
         volume: PreparedVolume = item["volume"]
-        predict = slice_predictor(module, volume, scoring.slice_batch)
+        predict = slice_predictor(module, volume, scoring.slice_batch, scoring.slice_cache_mib)
         shape = tuple(volume.image.shape)
         values = sorted({p["label"] for p in item["prompts"]} | set(item["values"]))
         for prompt in item["prompts"]:

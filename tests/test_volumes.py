@@ -266,3 +266,42 @@ def test_embedding_cache_keys_tell_slices_of_one_volume_apart(tmp_path: Path) ->
     slices = method._cache_keys(paths, ["z=3", "z=4", "z=3"])
     assert slices[0] != slices[1] and slices[0] == slices[2]
     assert method._cache_keys(paths)[0] not in slices  # a 2D image's key: the file alone
+
+
+def test_scoring_encodes_each_slice_once_with_the_same_scores(tmp_path: Path) -> None:
+    """Propagation prompts a slice once per object and direction, the ground-truth-box pass once more: the
+    slice's encoder output is kept for all of them (LiteMedSAM's hippocampus test had encoded each slice
+    about three times). Keeping it changes no prediction and no score."""
+    from segtune.methods import LoRA
+    from segtune.volume_scoring import score_case
+
+    dm = datamodule(decathlon(tmp_path / "ds", cases=4))
+    dm.setup("test")
+    item = next(iter(dm.datasets["test"].collate([dm.datasets["test"][0]])["volumes"]))
+    module = LoRA("sam-tiny")
+    module.configure_model()
+    module.eval()
+    encoded, results = {}, {}
+    for mib in (0, 64):
+        seen = [0]
+
+        def hook(m, args, kwargs, output, seen=seen) -> None:
+            if type(m).__name__ == "SamVisionEncoder":
+                seen[0] += len(args[0] if args else kwargs["pixel_values"])
+
+        handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                results[mib] = score_case(module, item, VolumeScoring(slice_cache_mib=mib))
+        finally:
+            handle.remove()
+        encoded[mib] = seen[0]
+    slices_with_labels = int(np.isin(item["volume"].label, [1, 2]).reshape(len(item["volume"].label), -1).any(1).sum())
+    assert encoded[64] <= len(item["volume"].label) and encoded[64] >= slices_with_labels
+    print("encoder passes (uncached, kept):", encoded[0], encoded[64])
+    assert encoded[0] > 2 * encoded[64], encoded
+    np.testing.assert_array_equal(results[0][0], results[64][0])
+    for a, b in zip(results[0][1], results[64][1], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6, nan_ok=True), key

@@ -26,6 +26,7 @@ from segtune.files import read_checkpoint_file
 from segtune.loss import SamLoss
 from segtune.metrics import SCORES, EmptyPredictions, segmentation_metrics
 from segtune.models.adapters import freeze_unreached
+from segtune.models.embedding_cache import embedding_inputs, encode_images
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
@@ -180,6 +181,24 @@ class SegmentationModule(LightningModule):
         inputs = self.sanitise(batch)
         inputs["multimask_output"] = self.hparams.multimask_output
         return self.model(**inputs)
+
+    def encode(self, batch: Batch) -> list[torch.Tensor]:
+        """The image encoder's output for the batch's ``pixel_values``, as :meth:`forward_encoded` takes it
+        (:func:`~segtune.models.embedding_cache.encode_images`)."""
+        return encode_images(self.model, batch["pixel_values"])
+
+    def forward_encoded(self, batch: Batch, encoded: list[torch.Tensor]) -> Any:
+        """:meth:`forward` from the image encoder's output for ``batch`` instead of its pixels.
+
+        Args:
+            batch: the batch (its ``pixel_values`` are not read).
+            encoded: :func:`~segtune.models.embedding_cache.encode_images` of this module's model on
+                the batch's pixels (the embedding cache's entries, or a volume's slices kept while it
+                is scored).
+        """
+        # pixel_values=None: the sanitiser drops it, so the model runs from the embeddings alone
+        inputs = {**batch, "pixel_values": None, **embedding_inputs(self.model, encoded)}
+        return SegmentationModule.forward(self, inputs)
 
     def _loss(self, out: Any, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(out.pred_masks, out.iou_scores, batch["low_res_masks"], batch["prompt_valid"])

@@ -20,7 +20,6 @@ from segtune.methods.base import SegmentationModule
 from segtune.models.embedding_cache import (
     EmbeddingCache,
     cache_key,
-    embedding_inputs,
     encode_images,
     weights_fingerprint,
 )
@@ -117,6 +116,12 @@ class FullFinetune(SegmentationModule):
         """As the base, with the image encoder's output taken from the cache (computed on a miss)."""
         if self.embedding_cache is None:
             return super().forward(batch)
+        return self.forward_encoded(batch, self.encode(batch))
+
+    def encode(self, batch: Batch) -> list[torch.Tensor]:
+        """As the base, through the embedding cache when it is on."""
+        if self.embedding_cache is None:
+            return super().encode(batch)
         cache = self.embedding_cache
         # validate, test and predict see each image once: memory would fill up for nothing (disk helps a rerun)
         store = cache.mode == "disk" or self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING
@@ -131,8 +136,7 @@ class FullFinetune(SegmentationModule):
             self._cache_logged = True
             if self._trainer is None or self._trainer.is_global_zero:
                 self._log_cache_size(cache.bytes_per_image)
-        # pixel_values=None: the sanitiser drops it, so the model runs from the embeddings alone
-        return super().forward({**batch, "pixel_values": None, **embedding_inputs(self.model, encoded)})
+        return encoded
 
     @staticmethod
     def _image_paths(batch: Batch) -> list[str]:

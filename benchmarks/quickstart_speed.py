@@ -52,6 +52,7 @@ CANDIDATES: dict[str, tuple[list[str], int | None, str | None]] = {
         None,
     ),  # fmt: skip
     "cache_images 0": (["--data.init_args.cache_images", "0"], None, None),
+    "bf16-mixed": (["--trainer.precision", "bf16-mixed"], None, None),
     "cache_images 0 + num_workers 1": (
         [
             "--data.init_args.cache_images",

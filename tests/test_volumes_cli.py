@@ -34,9 +34,12 @@ def hippocampus(tmp_path: Path) -> Path:
 
 
 def test_fit_test_and_predict_volumes_from_the_shipped_config(hippocampus: Path, run_cli, capsys) -> None:
+    # the config's LiteMedSAM swapped for its family's tiny random model: the volume path is what runs here
+    # (LiteMedSAM itself on volumes: the README's measured table; its weights: tests/test_litemedsam.py)
     tiny = [
         "--config", CONFIGS / "volumes_hippocampus.yaml", "--data.init_args.root", hippocampus,
         "--data.init_args.split_fractions", "[0.34, 0.33, 0.33]", "--data.init_args.batch_size", "4",
+        "--model.init_args.model", "mobilesam-tiny",
     ]  # fmt: skip
     # validation on volumes (val_dice for the checkpoint) runs in tests/test_configs.py; here it is skipped
     run = run_cli("fit", *tiny, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",

@@ -445,3 +445,28 @@ def test_a_skipped_image_missing_from_the_cache_is_decoded_in_the_step(shapes_ro
         got = module(mixed)
     assert module.embedding_cache.misses == 4  # both images computed, twice
     assert torch.equal(got.pred_masks, expected.pred_masks)
+
+
+def test_the_untuned_model_beside_a_cached_test_scores_real_pixels(run_cli, shapes_root: Path) -> None:
+    # A second `segtune test` on a disk cache skips decoding every test image: the untuned model beside the
+    # checkpoint (TestReport untuned=true) had no cache and got the batch's zero padding for them (an error when
+    # a whole batch was skipped, silently wrong scores when part of it was). It shares the cache now.
+    import json
+
+    _fit(run_cli, shapes_root, "cached", "--model.class_path", "segtune.methods.DecoderOnly",
+         "--model.init_args.train_parts", "[mask_decoder]", "--model.init_args.embedding_cache", "disk",
+         "--trainer.max_epochs", "1")  # fmt: skip
+    ckpt = sorted(Path("runs/cached/version_0/checkpoints").glob("best-*.ckpt"))[-1]
+    untuned = []
+    for cache in ("disk", "disk", "off"):  # the second run finds every test image in the cache
+        run_cli("test", "--config", QUICKSTART, "--data.class_path", "segtune.data.SegmentationDataModule",
+                "--data.init_args.root", shapes_root, "--data.init_args.batch_size", "2",
+                "--data.init_args.cache_images", "0", "--model.class_path", "segtune.methods.DecoderOnly",
+                "--model.init_args.embedding_cache", cache, "--trainer.logger.init_args.name", "cached",
+                "--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true",
+                "--trainer.callbacks.picture=false", "--ckpt_path", ckpt)  # fmt: skip
+        report = sorted(Path("runs/cached").glob("version_*/test_metrics.json"), key=lambda p: p.stat().st_mtime)[-1]
+        untuned.append(json.loads(report.read_text())["untuned"]["overall"])
+    assert untuned[0]["dice"] == pytest.approx(untuned[2]["dice"], abs=1e-6)
+    assert untuned[1]["dice"] == pytest.approx(untuned[2]["dice"], abs=1e-6)
+    assert untuned[1]["iou"] == pytest.approx(untuned[2]["iou"], abs=1e-6)

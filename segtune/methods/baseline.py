@@ -231,6 +231,19 @@ class FullFinetune(SegmentationModule):
         total = f"; about {per_image * images / 2**30:.3g} GiB for the {images} images of this run" if images else ""
         log.info("embedding cache in %s: %.3g MiB per image%s", where, per_image / 2**20, total)
 
+    def untuned(self) -> FullFinetune:
+        """As the base; with the embedding cache on, the untuned model shares it and this run's trainer.
+
+        The encoder is frozen, so the untuned model's is the same pretrained one: it reads (and, on
+        disk, fills) the same cache entries, and a row the DataLoader did not decode because the cache
+        holds it is decoded for it as for this module, never scored from the batch's zero padding.
+        """
+        module = super().untuned()
+        if self.embedding_cache is not None:
+            module.embedding_cache = self.embedding_cache
+            module._trainer = self._trainer  # for the cache keys (precision, intensity) and the datasets
+        return module  # type: ignore[return-value]
+
     def on_fit_end(self) -> None:
         if self.embedding_cache is not None and self.embedding_cache.mode == "memory":
             self.embedding_cache.clear()  # a test or predict run in the same process does not read them

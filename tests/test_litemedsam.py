@@ -48,12 +48,26 @@ needs_flakes = pytest.mark.skipif(not FLAKES.is_dir(), reason=f"real data not fo
 SPLITS = (0, 0, 8)
 #: Of the flakes export's 21 ``valid`` images, these many train (seeded shuffle); the rest validate.
 FLAKES_TRAIN = 15
-#: The short fit: 4 epochs of the config's decoder-only recipe, warm-up shortened to one epoch's 4 steps.
-FLAKES_FIT = ["--trainer.max_epochs", "4", "--model.init_args.warmup_steps", "4"]
-#: segtune test with the untuned model beside the checkpoint (an added TestReport replaces the default one).
-SIDE_BY_SIDE = ["--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true"]
-#: The held-out Dice gain asserted. Measured with FLAKES_FIT: untuned 0.5680 -> 0.6937 on the 87 test
-#: instances, validation +0.1176 [95% CI +0.0759, +0.1562] over 96 (10 epochs: 0.5680 -> 0.7307).
+#: The short fit: 2 epochs of the config's decoder-only recipe at one image per step (15 steps an epoch),
+#: warm-up shortened to 4 steps, no sanity validation (the untuned pass scores the same split first).
+#: One image per batch: the mask decoder (most of this test's time) runs once per prompt, padding
+#: prompts included, and these images have 1 to 29 instances, so batches of 4 padded validation to
+#: 1.4 times its 96 instances.
+FLAKES_FIT = [
+    "--trainer.max_epochs", "2", "--model.init_args.warmup_steps", "4", "--trainer.num_sanity_val_steps", "0",
+    "--data.init_args.batch_size", "1",
+]  # fmt: skip
+#: segtune test with the untuned model beside the checkpoint (an added TestReport replaces the default
+#: one; no picture: this test reads the numbers only).
+SIDE_BY_SIDE = [
+    "--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true",
+    "--trainer.callbacks.picture=false",
+]  # fmt: skip
+#: The held-out Dice gain asserted. Measured with FLAKES_FIT (seed 0): validation untuned 0.5868 -> best
+#: 0.7141 (epoch 1), +0.1273 [95% CI +0.0866, +0.1660] over 96 instances; held-out test split: NOT YET
+#: RE-MEASURED for this fit (its run did not finish in the session that made it; check before merging).
+#: (The earlier 4-epoch fit at 4 images per step: 0.5680 -> 0.6937, validation +0.1176 [+0.0759, +0.1562];
+#: 10 epochs: 0.5680 -> 0.7307.)
 MARGIN = 0.05
 
 

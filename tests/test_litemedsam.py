@@ -64,8 +64,8 @@ SIDE_BY_SIDE = [
     "--trainer.callbacks.picture=false",
 ]  # fmt: skip
 #: The held-out Dice gain asserted. Measured with FLAKES_FIT (seed 0): validation untuned 0.5868 -> best
-#: 0.7141 (epoch 1), +0.1273 [95% CI +0.0866, +0.1660] over 96 instances; held-out test split: NOT YET
-#: RE-MEASURED for this fit (its run did not finish in the session that made it; check before merging).
+#: 0.7141 (epoch 1), +0.1273 [95% CI +0.0866, +0.1660] over 96 instances; held-out test split (87
+#: instances): untuned 0.5680 -> 0.7019, +0.1339 [95% CI +0.0954, +0.1730] (this test's own print, 2026-12-07).
 #: (The earlier 4-epoch fit at 4 images per step: 0.5680 -> 0.6937, validation +0.1176 [+0.0759, +0.1562];
 #: 10 epochs: 0.5680 -> 0.7307.)
 MARGIN = 0.05
@@ -292,4 +292,4 @@ def test_fine_tuning_the_decoder_beats_the_untuned_model_on_held_out_images(
     gain = report["untuned"]["difference"]["dice"]["overall"]
     print(f"flakes held-out Dice: untuned {untuned:.4f} -> tuned {tuned:.4f}, {gain}")
     assert gain["instances"] == report["overall"]["instances"] > 50
-    assert tuned > untuned + MARGIN and gain["low"] > 0  # measured +0.126: the margin is well inside it
+    assert tuned > untuned + MARGIN and gain["low"] > 0  # measured +0.134: the margin is well inside it

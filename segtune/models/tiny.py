@@ -58,6 +58,18 @@ def sam2_tiny() -> Sam2Config:
     )
 
 
+def sam2_tiny_video() -> Sam2Config:
+    """:func:`sam2_tiny` 128 channels wide after the backbone (FPN, prompt encoder, mask decoder), so that
+    SAM2's video memory fits: transformers' ``Sam2VideoModel`` fixes its memories at 64 channels and
+    splits each object pointer into memory-sized tokens, which needs a multiple of 64 above 64
+    (real SAM2 checkpoints have 256)."""
+    config = sam2_tiny()
+    config.vision_config.fpn_hidden_size = 128
+    config.prompt_encoder_config.hidden_size = 128
+    config.mask_decoder_config.hidden_size = 128
+    return config
+
+
 def mobilesam_tiny() -> MobileSamConfig:
     # TinyViT with MobileSAM's stage layout (MBConv stage, then attention stages with padded windows;
     # the last merging at stride 1), 16x16 embeddings for a 256 px input as the other tiny presets.

@@ -16,9 +16,9 @@ from segtune.methods import FullFinetune, LoRA
 from segtune.models.tiny import sam3tracker_tiny
 from segtune.preprocessing import STANDARD_MEAN, STANDARD_STD, Preprocessing
 from segtune.volume_memory import check_memory_support, propagate_memory, video_model
-from segtune.volume_scoring import PROPAGATIONS, VolumeScoring
+from segtune.volume_scoring import PROPAGATIONS, VolumeScoring, predict_volumes
 from tests.conftest import CONFIGS
-from tests.test_volumes import decathlon
+from tests.test_volumes import datamodule, decathlon, phantom, write_case
 
 MEMORY = VolumeScoring(propagation="memory")
 
@@ -82,6 +82,24 @@ def test_memory_propagation_stops_where_the_object_vanishes(monkeypatch) -> None
     assert np.flatnonzero(out.reshape(9, -1).any(1)).tolist() == [4, 5, 6]
     # forward: one slice past the end; backward: the slice before the prompt is empty too
     assert frames == [(4, False), (4, False), (5, False), (6, False), (7, False), (4, True), (3, True)]
+
+
+def test_predict_follows_the_given_prompt_by_memory(tmp_path: Path, monkeypatch) -> None:
+    image, _ = phantom(shape=(5, 40, 48))
+    scans = tmp_path / "scans"
+    write_case(scans / "scan_1.nii.gz", image)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"scan_1": [{"slice": 1, "box": [8, 6, 40, 30], "label": 2}]}')
+    dm = datamodule(decathlon(tmp_path / "ds", cases=1), predict_images=scans, predict_prompts=prompts)
+    dm.setup("predict")
+    batch = dm.datasets["predict"].collate([dm.datasets["predict"][0]])
+    module = sam2_module()
+    frames = record_frames(video_model(module), monkeypatch)
+    foreground_for(10**6, monkeypatch)
+    (predicted,) = predict_volumes(module, batch)
+    # every pixel foreground (the stand-in masks), every slice reached: the prompt's label everywhere
+    assert predicted.label.shape == (5, 40, 48) and (predicted.label == 2).all()
+    assert frames[0] == (1, False) and frames[-1] == (0, True)  # the video model followed it, both ways
 
 
 def test_the_video_model_carries_the_fine_tuned_image_weights() -> None:

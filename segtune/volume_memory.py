@@ -182,17 +182,19 @@ def video_model(module: Any) -> nn.Module:
     """The video model of ``module`` holding its current image weights (built once, refreshed when a
     weight of the image model has changed since), in eval mode on the module's device."""
     check_memory_support(module.model, module.model_name)
-    fingerprint = _fingerprint(module.model)
-    held: _Video | None = getattr(module, "_video_model", None)
-    if held is None:
-        video, _ = build_video_model(module.model, module.model_name)
-        held = _Video(video, (float("nan"), float("nan")))
-        # held in a plain object, not as a submodule: the video model is in no checkpoint and no optimiser
-        module._video_model = held
-    if held.fingerprint != fingerprint:
-        copy_image_weights(held.model, image_weights(module))
-        held.fingerprint = fingerprint
-    return held.model.to(module.device).eval()
+    # Lightning evaluates under inference_mode: weights made there could never be updated outside it
+    with torch.inference_mode(False), torch.no_grad():
+        fingerprint = _fingerprint(module.model)
+        held: _Video | None = getattr(module, "_video_model", None)
+        if held is None:
+            video, _ = build_video_model(module.model, module.model_name)
+            held = _Video(video, (float("nan"), float("nan")))
+            # held in a plain object, not as a submodule: the video model is in no checkpoint and no optimiser
+            module._video_model = held
+        if held.fingerprint != fingerprint:
+            copy_image_weights(held.model, image_weights(module))
+            held.fingerprint = fingerprint
+        return held.model.to(module.device).eval()
 
 
 def copy_image_weights(video: nn.Module, weights: dict[str, torch.Tensor]) -> None:

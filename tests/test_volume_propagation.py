@@ -155,8 +155,8 @@ def test_sam3tracker_propagates_with_its_own_video_model(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("model", "says"),
     [
-        ("sam-tiny", "needs a SAM2-family model (Sam2, Sam3Tracker, MedSAM2), which has a video memory; 'sam-tiny' is a "
-         "SamModel: set propagation: box"),
+        ("sam-tiny", "needs a SAM2-family model (Sam2, Sam3Tracker, MedSAM2), which has a video memory; "
+         "'sam-tiny' is a SamModel: set propagation: box"),
         ("sam2-tiny", "'sam2-tiny' is 32 channels wide, which SAM2's video memory does not fit"),
     ],
 )  # fmt: skip

@@ -121,7 +121,11 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset("samhq-tiny", "SamHQModel", None, _TINY_SAM, config=tiny.samhq_tiny, initialise=_POSITIONS),
         ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", 64), config=tiny.sam2_tiny),
         ModelPreset(  # wide enough for SAM2's video memory (volume_scoring.propagation: memory)
-            "sam2-tiny-video", "Sam2Model", None, Preprocessing(256, "square", 64), config=tiny.sam2_tiny_video,
+            "sam2-tiny-video",
+            "Sam2Model",
+            None,
+            Preprocessing(256, "square", 64),
+            config=tiny.sam2_tiny_video,
             initialise=tiny.object_present,
         ),  # fmt: skip
         ModelPreset(

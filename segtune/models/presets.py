@@ -127,7 +127,7 @@ PRESETS: dict[str, ModelPreset] = {
             Preprocessing(256, "square", 64),
             config=tiny.sam2_tiny_video,
             initialise=tiny.object_present,
-        ),  # fmt: skip
+        ),
         ModelPreset(
             "sam3tracker-tiny",
             "Sam3TrackerModel",

@@ -11,6 +11,9 @@ make one label volume, scored per class against the label volume: volume Dice (t
 2D protocol on the same slices, so a user sees what propagation loses) and ``box_dice`` its filled-box
 floor.
 
+``propagation: memory`` replaces the box propagation by a SAM2-family model's video memory
+(:mod:`segtune.volume_memory`); the prompts, the stopping rule and every score stay as they are.
+
 Each row of the report is one class of one case; the logged ``val_dice`` (checkpoint choice) and
 ``test_dice`` are the means of those rows' volume Dice. Nothing here knows about Lightning beyond the
 module it is handed.
@@ -22,7 +25,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,6 +52,10 @@ class VolumeScoring:
     """How volumes are scored and predicted (``model.init_args.volume_scoring``).
 
     Args:
+        propagation: how each object is followed from its prompted slice: ``"box"`` (every model: each
+            next slice prompted with the previous slice's predicted box) or ``"memory"`` (Sam2,
+            Sam3Tracker, MedSAM2: transformers' video model, each slice conditioned on the memories of
+            the slices before it; :mod:`segtune.volume_memory`).
         tolerance_mm: the normalised surface Dice's tolerance in mm (MedSAM: 2).
         box_margin: pixels each side of the previous slice's predicted box grows by before it
             prompts the next slice.
@@ -61,6 +68,7 @@ class VolumeScoring:
             slice for SAM, MedSAM and LiteMedSAM; 84 MiB for SAM2); 0 encodes a slice at every call.
     """
 
+    propagation: Literal["box", "memory"] = "box"
     tolerance_mm: float = 2.0
     box_margin: int = 3
     min_pixels: int = 1
@@ -140,6 +148,48 @@ def propagate_all(
                 going.append((i, k + step, step, mask))
         active = going
     return outs
+
+
+#: ``propagation(module, volume, predict, starts, prompts, scoring)`` -> each object's ``(S, H, W)`` bool
+#: prediction, prompted with ``prompts[i]`` on slice ``starts[i]`` (``predict``: the module's
+#: :data:`SlicePredictor` on that volume).
+Propagation = Callable[
+    [Any, PreparedVolume, SlicePredictor, Sequence[int], Sequence[np.ndarray], VolumeScoring], list[np.ndarray]
+]
+
+
+def box_propagation(
+    module: Any, volume: PreparedVolume, predict: SlicePredictor, starts: Sequence[int], prompts: Sequence[np.ndarray],
+    scoring: VolumeScoring,
+) -> list[np.ndarray]:  # fmt: skip
+    """MedSAM's and micro-sam's protocol, for every model: :func:`propagate_all`."""
+    return propagate_all(predict, tuple(volume.image.shape), starts, prompts, scoring)  # type: ignore[arg-type]
+
+
+def memory_propagation(
+    module: Any, volume: PreparedVolume, predict: SlicePredictor, starts: Sequence[int], prompts: Sequence[np.ndarray],
+    scoring: VolumeScoring,
+) -> list[np.ndarray]:  # fmt: skip
+    """SAM2's video memory, for SAM2-family models: :func:`segtune.volume_memory.propagate_memory`."""
+    from segtune.volume_memory import propagate_memory  # transformers' video classes load only when asked for
+
+    return propagate_memory(module, volume, list(starts), list(prompts), scoring.min_pixels)
+
+
+#: ``VolumeScoring.propagation`` -> how objects are followed through a volume.
+PROPAGATIONS: dict[str, Propagation] = {"box": box_propagation, "memory": memory_propagation}
+
+
+def check_propagation(module: Any) -> None:
+    """Stop with one line, before any work, when the module's model cannot run its ``propagation``.
+
+    Raises:
+        ValueError: ``propagation: memory`` on a model without a SAM2 video memory that fits it.
+    """
+    if module.volume_scoring.propagation == "memory":
+        from segtune.volume_memory import check_memory_support
+
+        check_memory_support(module.model, module.model_name)
 
 
 def paint(objects: Sequence[tuple[int, np.ndarray]], values: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
@@ -299,7 +349,7 @@ def score_case(
     found = volume_objects(label, values, options)
     starts = [middle_slice(mask) for _, mask in found]
     boxes = [mask_to_box(mask[k]) for (_, mask), k in zip(found, starts, strict=True)]
-    followed = propagate_all(predict, label.shape, starts, boxes, scoring)
+    followed = PROPAGATIONS[scoring.propagation](module, volume, predict, starts, boxes, scoring)
     predicted = paint([(cls, m) for (cls, _), m in zip(found, followed, strict=True)], values, label.shape)
     volume_scores = class_scores(predicted, label, values, volume.spacing, scoring.tolerance_mm, empty_target)
     slice_means = _slice_scores(predict, label, values, options, empty_target) if scoring.slice_scores else {}
@@ -388,6 +438,7 @@ def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction
     """``segtune predict`` on cases with given prompts: each prompt propagated from its slice."""
     out = []
     scoring: VolumeScoring = module.volume_scoring
+    propagation = PROPAGATIONS[scoring.propagation]
     for item in batch["volumes"]:
         volume: PreparedVolume = item["volume"]
         predict = slice_predictor(module, volume, scoring.slice_batch, scoring.slice_cache_mib)
@@ -405,7 +456,7 @@ def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction
         for kind in (True, False):
             group = [p for p in ordered if (p["box"] is not None) == kind]
             given = [np.asarray(p["box"] if kind else p["points"], np.float32) for p in group]
-            followed = propagate_all(predict, shape, [p["slice"] for p in group], given, scoring)  # type: ignore[arg-type]
+            followed = propagation(module, volume, predict, [p["slice"] for p in group], given, scoring)
             objects += [(values.index(p["label"]), m) for p, m in zip(group, followed, strict=True)]
         painted = paint(objects, values, shape)
         out.append(VolumePrediction(volume, volume.to_original(painted), painted))

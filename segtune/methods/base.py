@@ -32,7 +32,7 @@ from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.sanitise import Sanitiser
 from segtune.postprocess import EmptyTarget, ImagePrediction, InstanceScores, predictions, score_batch
 from segtune.preprocessing import Preprocessing
-from segtune.volume_scoring import VOLUME_SCORES, VolumeScoring, evaluate_volumes, predict_volumes
+from segtune.volume_scoring import VOLUME_SCORES, VolumeScoring, check_propagation, evaluate_volumes, predict_volumes
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class SegmentationModule(LightningModule):
             A mask predicted on an empty ground truth scores 0 either way.
         amg: automatic mask generation, which ``segtune predict`` runs on ``data.predict_images``
             given without ``data.predict_prompts`` (see :class:`segtune.amg.AutoMaskConfig`).
-        volume_scoring: how volumetric data (``layout: volumes``) are scored and predicted: box
-            propagation, NSD tolerance (see :class:`segtune.volume_scoring.VolumeScoring`).
+        volume_scoring: how volumetric data (``layout: volumes``) are scored and predicted: box or
+            (SAM2 family) memory propagation, NSD tolerance (see :class:`segtune.volume_scoring.VolumeScoring`).
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -164,6 +164,7 @@ class SegmentationModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        check_propagation(self)  # e.g. propagation: memory on a SAM: one line before any work
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
         self.automatic_masks = stage == "predict" and bool(getattr(datamodule, "automatic_masks", False))

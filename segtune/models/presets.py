@@ -120,6 +120,14 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset("sam-tiny", "SamModel", None, _TINY_SAM, config=tiny.sam_tiny, initialise=_POSITIONS),
         ModelPreset("samhq-tiny", "SamHQModel", None, _TINY_SAM, config=tiny.samhq_tiny, initialise=_POSITIONS),
         ModelPreset("sam2-tiny", "Sam2Model", None, Preprocessing(256, "square", 64), config=tiny.sam2_tiny),
+        ModelPreset(  # wide enough for SAM2's video memory (volume_scoring.propagation: memory)
+            "sam2-tiny-video",
+            "Sam2Model",
+            None,
+            Preprocessing(256, "square", 64),
+            config=tiny.sam2_tiny_video,
+            initialise=tiny.object_present,
+        ),
         ModelPreset(
             "sam3tracker-tiny",
             "Sam3TrackerModel",

@@ -58,6 +58,32 @@ def sam2_tiny() -> Sam2Config:
     )
 
 
+def sam2_tiny_video() -> Sam2Config:
+    """:func:`sam2_tiny` 128 channels wide after the backbone (FPN, prompt encoder, mask decoder), so that
+    SAM2's video memory fits: transformers' ``Sam2VideoModel`` fixes its memories at 64 channels and
+    splits each object pointer into memory-sized tokens, which needs a multiple of 64 above 64
+    (real SAM2 checkpoints have 256)."""
+    config = sam2_tiny()
+    config.vision_config.fpn_hidden_size = 128
+    config.prompt_encoder_config.hidden_size = 128
+    config.mask_decoder_config.hidden_size = 128
+    return config
+
+
+def object_present(model: PreTrainedModel) -> None:
+    """Make a random Sam2's object-score head say "present" (logit 10) for every prompt.
+
+    Sam2's image model returns its masks whatever this head says, and segtune's loss never trains
+    it; its video model replaces the masks of a slice where the logit is below 0 by "no object". A
+    random head would so erase objects at random under ``propagation: memory`` (SAM2 checkpoints
+    have a trained one); with this, an object ends where its mask does, as in box propagation.
+    """
+    head = model.mask_decoder.pred_obj_score_head.proj_out
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(10.0)
+
+
 def mobilesam_tiny() -> MobileSamConfig:
     # TinyViT with MobileSAM's stage layout (MBConv stage, then attention stages with padded windows;
     # the last merging at stride 1), 16x16 embeddings for a 256 px input as the other tiny presets.

@@ -15,7 +15,9 @@ vision, prompt-encoder and mask-decoder configs, and every weight the two classe
 image model's) copied from the image model (LoRA merged first, as ``segtune export --merge`` does).
 The memory modules (memory attention, memory encoder, object pointers) are not in an image model:
 they come from ``<VideoModel>.from_pretrained`` of the same source when it has them (HF's SAM2 hub
-checkpoints), else they are random and a warning says so. transformers runs video inference only
+checkpoints), or from the native checkpoint file the image model was converted from (Meta's
+``sam2*_hiera_*.pt``, ``MedSAM2_*.pt``: renamed by :func:`segtune.models.convert.video_memory_state`),
+else they are random and a warning says so. transformers runs video inference only
 under ``inference_mode``: segtune does not train the memory modules.
 """
 
@@ -100,19 +102,58 @@ def video_config(config: Any) -> Any:
     )
 
 
-def memory_source(name: str) -> str | None:
-    """Where the memory modules of model ``name`` could load from (a hub id or folder), or None for
-    presets built from a random config and native checkpoint files (``segtune convert`` keeps only the
-    image model's weights)."""
-    from segtune.models.loading import _source, is_native_file
+def _weights_source(name: str) -> str | None:
+    """Where model ``name``'s weights load from (a hub id, folder or native file), or None for presets
+    built from a random config."""
+    from segtune.models.loading import _source
     from segtune.models.presets import PRESETS
 
     preset = PRESETS.get(name)
-    if preset is not None:
-        if preset.config is not None:
-            return None
-        name = _source(preset)
-    return None if is_native_file(name) else name
+    if preset is None:
+        return name
+    return None if preset.config is not None else _source(preset)
+
+
+def memory_source(name: str) -> str | None:
+    """Where ``<VideoModel>.from_pretrained`` could load the memory modules of model ``name`` from (a hub
+    id or folder), or None for presets built from a random config and native checkpoint files (see
+    :func:`native_memory_file`; ``segtune convert``'s folders keep only the image model's weights)."""
+    from segtune.models.loading import is_native_file
+
+    source = _weights_source(name)
+    return None if source is None or is_native_file(source) else source
+
+
+def native_memory_file(name: str) -> str | None:
+    """The native SAM2 checkpoint file model ``name`` is read from (a ``.pt``/``.pth`` named directly, or
+    a preset's packaged file), which holds its memory modules too; None otherwise."""
+    from segtune.models.loading import is_native_file
+
+    source = _weights_source(name)
+    return source if source is not None and is_native_file(source) else None
+
+
+def native_memory(video: nn.Module, memory: dict[str, torch.Tensor], image_keys: set[str]) -> list[str]:
+    """Load a native checkpoint's renamed ``memory`` tensors into ``video``, all or none.
+
+    Returns:
+        What keeps it from loading (empty when loaded): the video model's memory tensors the file does
+        not fill, tensors of the file it has no place for, and shape mismatches.
+    """
+    own = video.state_dict()
+    wanted = set(own) - image_keys
+    problems = [f"missing {k}" for k in sorted(wanted - set(memory))]
+    problems += [f"no place for {k}" for k in sorted(set(memory) - wanted)]
+    problems += [
+        f"{k}: shape {tuple(memory[k].shape)}, the model's {tuple(own[k].shape)}"
+        for k in sorted(wanted & set(memory))
+        if memory[k].shape != own[k].shape
+    ]
+    if not problems:
+        with torch.no_grad():
+            for key, value in memory.items():
+                own[key].copy_(value.to(own[key].dtype))
+    return problems
 
 
 def build_video_model(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
@@ -121,6 +162,12 @@ def build_video_model(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
     config = image_model(model).config
     video_class = getattr(transformers, VIDEO_CLASSES[config.model_type][1])
     source = memory_source(name)
+    native = native_memory_file(name) if config.model_type == "sam2" else None
+    why = ""
+    if native is not None:
+        video, why = _from_native_file(model, name, native)
+        if video is not None:
+            return video, True
     if source is not None:
         try:
             video, info = video_class.from_pretrained(source, output_loading_info=True)
@@ -137,10 +184,38 @@ def build_video_model(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
     log.warning(
         "%s: SAM2's memory modules (memory attention, memory encoder, object pointers) are untrained random "
         "weights: %s holds only the image model's. Memory propagation follows the prompt with an untrained "
-        "memory; load a SAM2 video checkpoint for trained ones, or set volume_scoring.propagation: box",
-        name, "this preset" if source is None else source,
+        "memory; load a SAM2 video checkpoint for trained ones, or set volume_scoring.propagation: box%s",
+        name, native or ("this preset" if source is None else source), why,
     )  # fmt: skip
     return video, False
+
+
+def _from_native_file(model: nn.Module, name: str, path: str) -> tuple[nn.Module | None, str]:
+    """The video model holding the memory modules of the native SAM2 file ``path``, or None and why not
+    (for the warning)."""
+    from segtune.models.convert import ConversionError, read_checkpoint, video_memory_state
+
+    try:
+        memory = video_memory_state(read_checkpoint(path))
+    except ConversionError as e:
+        return None, f" ({e})"
+    config = video_config(image_model(model).config)
+    # SAM 2.0 files have neither of these (2.1 added them); the memory bank's length is in the file
+    config.enable_occlusion_spatial_embedding = "occlusion_spatial_embedding_parameter" in memory
+    config.enable_temporal_pos_encoding_for_object_pointers = (
+        "temporal_positional_encoding_projection_layer.weight" in memory
+    )
+    if "memory_temporal_positional_encoding" in memory:
+        config.num_maskmem = int(memory["memory_temporal_positional_encoding"].shape[0])
+    video_class = getattr(transformers, VIDEO_CLASSES["sam2"][1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        video = video_class(config)
+    problems = native_memory(video, memory, set(image_model(model).state_dict()))
+    if problems:
+        return None, f" ({path} does not fit it: {len(problems)} problems: {'; '.join(problems[:5])})"
+    log.info("%s: SAM2's memory modules (%d tensors) loaded from %s", name, len(memory), path)
+    return video, ""
 
 
 def _image_key(key: str, model: nn.Module) -> bool:

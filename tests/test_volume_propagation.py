@@ -13,11 +13,13 @@ import torch
 
 import segtune.volume_memory as volume_memory
 from segtune.methods import FullFinetune, LoRA
+from segtune.models.convert import load_native, video_memory_state
 from segtune.models.tiny import sam3tracker_tiny
 from segtune.preprocessing import STANDARD_MEAN, STANDARD_STD, Preprocessing
-from segtune.volume_memory import check_memory_support, propagate_memory, video_model
+from segtune.volume_memory import build_video_model, check_memory_support, propagate_memory, video_config, video_model
 from segtune.volume_scoring import PROPAGATIONS, VolumeScoring, predict_volumes
 from tests.conftest import CONFIGS
+from tests.test_convert import native_sam2, needs_sam2, randomise
 from tests.test_volumes import datamodule, decathlon, phantom, write_case
 
 MEMORY = VolumeScoring(propagation="memory")
@@ -189,3 +191,39 @@ def test_segtune_test_with_memory_propagation_prints_the_volume_table(tmp_path: 
     assert "nsd" in printed and "slice dice" in printed and "left" in printed and "right" in printed
     assert "untrained random" in caplog.text  # the memory path ran (box propagation never builds a video model)
     assert (run / "runs/volumes_hippocampus/version_0/test_per_case.csv").is_file()
+
+
+@needs_sam2
+def test_a_native_sam2_file_supplies_its_memory_modules(tmp_path: Path, caplog) -> None:
+    native = randomise(native_sam2(256), seed=3)  # SAM 2.1 Hiera-tiny by Meta's code, random values
+    file = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": native}, file)
+    model, _, _ = load_native(file, image_size=256)
+    with caplog.at_level(logging.INFO, logger="segtune.volume_memory"):
+        video, loaded = build_video_model(model, str(file))
+    assert loaded and f"memory modules (160 tensors) loaded from {file}" in caplog.text
+    assert "untrained random" not in caplog.text
+    weights = video.state_dict()
+    renamed = {  # native name -> transformers' Sam2VideoModel name, written out
+        "maskmem_tpos_enc": "memory_temporal_positional_encoding",
+        "no_obj_embed_spatial": "occlusion_spatial_embedding_parameter",
+        "memory_attention.layers.3.cross_attn_image.out_proj.weight":
+            "memory_attention.layers.3.cross_attn_image.o_proj.weight",
+        "memory_attention.layers.0.norm2.bias": "memory_attention.layers.0.layer_norm2.bias",
+        "memory_attention.norm.weight": "memory_attention.layer_norm.weight",
+        "memory_encoder.mask_downsampler.encoder.4.weight":
+            "memory_encoder.mask_downsampler.layers.1.layer_norm.weight",
+        "memory_encoder.mask_downsampler.encoder.12.weight": "memory_encoder.mask_downsampler.final_conv.weight",
+        "memory_encoder.fuser.layers.1.gamma": "memory_encoder.memory_fuser.layers.1.scale",
+        "memory_encoder.pix_feat_proj.bias": "memory_encoder.feature_projection.bias",
+        "obj_ptr_proj.layers.1.weight": "object_pointer_proj.layers.0.weight",
+        "obj_ptr_proj.layers.2.bias": "object_pointer_proj.proj_out.bias",
+        "obj_ptr_tpos_proj.weight": "temporal_positional_encoding_projection_layer.weight",
+    }  # fmt: skip
+    assert all(torch.equal(weights[hf], native[key]) for key, hf in renamed.items())
+    memory = video_memory_state(native)
+    assert set(memory) == set(weights) - set(model.state_dict())  # the memory modules, every one of them
+    assert all(torch.equal(weights[k], v) for k, v in memory.items())
+    torch.manual_seed(0)  # the random init build_video_model falls back to
+    random = type(video)(video_config(model.config)).state_dict()
+    assert not [k for k in memory if torch.equal(weights[k], random[k])]

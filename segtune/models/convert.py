@@ -136,6 +136,33 @@ SAM2_VIDEO_ONLY = (
 )
 TINYVIT_CLASSIFIER = r"image_encoder\.(norm_head|head)\.\w+"  # TinyViT's ImageNet head: MobileSAM never calls it
 
+# SAM2's video-memory modules (what SAM2_VIDEO_ONLY leaves out of the image model) under transformers'
+# Sam2VideoModel names; the mask downsampler's Sequential indices are mapped in video_memory_state.
+SAM2_MEMORY_RULES: Rules = [
+    (r"maskmem_tpos_enc", "memory_temporal_positional_encoding"),
+    (r"no_mem_pos_enc", "no_memory_positional_encoding"),
+    (r"no_obj_ptr", "no_object_pointer"),
+    (r"no_obj_embed_spatial", "occlusion_spatial_embedding_parameter"),
+    (r"mask_downsample\.(\w+)", r"mask_downsample.\1"),
+    *_mlp(r"obj_ptr_proj", "object_pointer_proj", 3),
+    (r"obj_ptr_tpos_proj\.(\w+)", r"temporal_positional_encoding_projection_layer.\1"),
+    (r"memory_attention\.layers\.(\d+)\.(\w+)\.out_proj\.(\w+)", r"memory_attention.layers.\1.\2.o_proj.\3"),
+    (r"memory_attention\.layers\.(\d+)\.norm(\d)\.(\w+)", r"memory_attention.layers.\1.layer_norm\2.\3"),
+    (r"memory_attention\.norm\.(\w+)", r"memory_attention.layer_norm.\1"),
+    (r"memory_attention\.layers\.(\d+)\.((?:self_attn|cross_attn_image)\.[qkv]_proj|linear[12])\.(\w+)",
+     r"memory_attention.layers.\1.\2.\3"),
+    (r"memory_encoder\.pix_feat_proj\.(\w+)", r"memory_encoder.feature_projection.\1"),
+    (r"memory_encoder\.out_proj\.(\w+)", r"memory_encoder.projection.\1"),
+    *[
+        (rf"memory_encoder\.fuser\.layers\.(\d+)\.{native}", rf"memory_encoder.memory_fuser.layers.\1.{hf}")
+        for native, hf in [
+            (r"gamma", "scale"), (r"dwconv\.(\w+)", r"depthwise_conv.\2"), (r"norm\.(\w+)", r"layer_norm.\2"),
+            (r"pwconv([12])\.(\w+)", r"pointwise_conv\2.\3"),
+        ]
+    ],
+]  # fmt: skip
+_MASK_DOWNSAMPLER = r"memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(\w+)"
+
 
 # --- config inference --------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -400,6 +427,49 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def video_memory_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A native SAM2 state dict's video-memory tensors (memory attention, memory encoder, object
+    pointers, temporal and no-memory encodings) under transformers' ``Sam2VideoModel`` names.
+
+    The mask downsampler is a Sequential of (conv, LayerNorm2d, GELU) per stride-2 step then a 1x1
+    conv: native ``encoder.{3i}`` / ``encoder.{3i+1}`` are HF's ``layers.{i}.conv`` / ``layers.{i}.layer_norm``,
+    the last index its ``final_conv``.
+
+    Raises:
+        ConversionError: a memory tensor no rule knows (the checkpoint's memory is laid out otherwise).
+    """
+    video_only = re.compile(SAM2_VIDEO_ONLY)
+    compiled = [(re.compile(p), t) for p, t in SAM2_MEMORY_RULES]
+    steps = [int(m.group(1)) for k in state if (m := re.fullmatch(_MASK_DOWNSAMPLER, k))]
+    final = max(steps, default=-1)
+    memory: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if not video_only.fullmatch(key):
+            continue
+        if m := re.fullmatch(_MASK_DOWNSAMPLER, key):
+            index, param = int(m.group(1)), m.group(2)
+            down = "memory_encoder.mask_downsampler"
+            if index == final:
+                memory[f"{down}.final_conv.{param}"] = value
+            elif index % 3 in (0, 1):
+                memory[f"{down}.layers.{index // 3}.{('conv', 'layer_norm')[index % 3]}.{param}"] = value
+            else:
+                unknown.append(key)
+            continue
+        for pattern, target in compiled:
+            if pattern.fullmatch(key):
+                memory[pattern.sub(target, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} memory tensors fit no Sam2VideoModel layer (e.g. {', '.join(unknown[:3])})"
+        )
+    return memory
 
 
 def rename(state: dict[str, torch.Tensor], family: Family) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:

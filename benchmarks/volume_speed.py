@@ -11,7 +11,7 @@ machine the CPU seconds are the steadier measure.
 Data: the first ``--cases`` cases (sorted by name) of ``../shared/data/hippocampus-mri-nifti-40``, linked
 into a temporary Decathlon folder; without it, synthetic two-label phantoms (``tests/test_volumes.py``'s).
 
-    python benchmarks/volume_speed.py                                     # sam-tiny and litemedsam, 4 cases
+    python benchmarks/volume_speed.py                                     # sam-tiny and litemedsam, 6 cases
     python benchmarks/volume_speed.py --model sam-tiny --cases 8 --epochs 2
 """
 
@@ -39,7 +39,8 @@ CONFIG = ROOT / "configs" / "volumes_hippocampus.yaml"
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "hippocampus-mri-nifti-40"
 #: a random model trains in full (its encoder has nothing to keep frozen); real weights keep the config's method
 RANDOM = ["--model.class_path", "segtune.methods.FullFinetune", "--model.init_args.train_parts",
-          "[vision_encoder, mask_decoder]", "--model.init_args.lr", "0.002"]  # fmt: skip
+          "[vision_encoder, mask_decoder]", "--model.init_args.lr", "0.002",
+          "--model.init_args.embedding_cache", "off"]  # fmt: skip
 
 
 def cases(folder: Path, count: int) -> str:
@@ -84,7 +85,7 @@ class SliceCount(logging.Handler):
 
 def run_model(model: str, data: Path, epochs: int, work: Path) -> dict:
     common = ["--config", str(CONFIG), "--data.init_args.root", str(data), "--model.init_args.model", model,
-              "--data.init_args.split_fractions", "[0.5, 0.0, 0.5]", "--trainer.enable_progress_bar", "false",
+              "--data.init_args.split_fractions", "[0.5, 0.17, 0.33]", "--trainer.enable_progress_bar", "false",
               *(RANDOM if model.endswith("-tiny") else [])]  # fmt: skip
     out = work / model
     out.mkdir(parents=True)
@@ -105,14 +106,15 @@ def run_model(model: str, data: Path, epochs: int, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["sam-tiny", "litemedsam"])
-    parser.add_argument("--cases", type=int, default=4, help="cases: half train, half test")
+    parser.add_argument("--cases", type=int, default=6, help="cases: 3:1:2 train, validation (not run), test")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "cases"
         source = cases(data, args.cases)
         rows = [run_model(model, data, args.epochs, Path(tmp) / "runs") for model in args.model]
-    print(f"\nData: {source}, split half train / half test by case; {args.epochs} training epoch(s) per model.\n")
+    print(f"\nData: {source}, split 3:1:2 train/validation/test by case (validation not run); "
+          f"{args.epochs} training epoch(s) per model.\n")  # fmt: skip
     print(
         "| model | training slices x epochs | fit wall s | fit CPU s | training slices / s (wall) "
         "| test volumes | test wall s | test CPU s | scored volumes / s (wall) |"

@@ -200,7 +200,8 @@ def segtune_module(case: Case, folder: Path, fast: bool):
 
 
 def time_segtune(
-    case: Case, folder: Path, data: Path, steps: int, device: torch.device, bf16: bool, fast: bool
+    case: Case, folder: Path, data: Path, steps: int, device: torch.device, bf16: bool, fast: bool,
+    callbacks: list[Callback] | None = None,
 ) -> dict:
     module = segtune_module(case, folder, fast)
     pre = preprocessing_for(str(folder))
@@ -214,7 +215,7 @@ def time_segtune(
         # the cache: every image is seen (and cached) in epoch 0, epoch 1 is timed
         max_epochs=2 if cached else 1, limit_train_batches=None if cached else steps + 1, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[timer],
+        num_sanity_val_steps=0, callbacks=[timer, *(callbacks or [])],
     )  # fmt: skip
     _reset_peak(device)
     with warnings.catch_warnings():

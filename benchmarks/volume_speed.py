@@ -90,7 +90,10 @@ def run_model(model: str, data: Path, epochs: int, work: Path) -> dict:
     out = work / model
     out.mkdir(parents=True)
     counter = SliceCount()
-    logging.getLogger("segtune").addHandler(counter)
+    logger = logging.getLogger("segtune")
+    level = logger.level
+    logger.addHandler(counter)
+    logger.setLevel(logging.INFO)  # the slice count is an info line
     try:
         with contextlib.chdir(out):
             fit = timed(["fit", *common, "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0"])
@@ -98,7 +101,8 @@ def run_model(model: str, data: Path, epochs: int, work: Path) -> dict:
             test = timed(["test", *common, "--ckpt_path", str(ckpt)])
             metrics = json.loads(next(Path("runs").glob("*/version_1/test_metrics.json")).read_text())
     finally:
-        logging.getLogger("segtune").removeHandler(counter)
+        logger.removeHandler(counter)
+        logger.setLevel(level)
     return {"model": model, "epochs": epochs, "slices": counter.slices, "fit": fit,
             "volumes": len(metrics["per_case"]), "test": test}  # fmt: skip
 

@@ -24,7 +24,7 @@ def test_every_default_shows_in_print_config(capsys: pytest.CaptureFixture[str])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     shown = [c["class_path"] for c in printed["trainer"]["callbacks"]]
-    assert shown == DEFAULT_CALLBACKS and len(shown) == 10
+    assert shown == DEFAULT_CALLBACKS and len(shown) == 11
     assert [p["class_path"] for p in printed["trainer"]["plugins"]] == ["segtune.callbacks.AtomicCheckpointIO"]
     assert printed["weights_only"] is True
     assert printed["trainer"]["logger"]["init_args"]["name"] == "quickstart"  # the config's own value wins

@@ -95,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for name in names:
-                for reuse in ((False, True) if round_ % 2 == 0 else (True, False)):
+                for reuse in (False, True) if round_ % 2 == 0 else (True, False):
                     command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--work", tmp,
                                *(["--reuse"] if reuse else [])]  # fmt: skip
                     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -103,14 +103,17 @@ def main() -> None:
                     loads.append(_load())
                     side = "reuse" if reuse else "default"
                     print(f"round {round_ + 1} {name} {side}: {r['seconds']:.2f} s (user {r['user']:.2f}, "
-                          f"system {r['system']:.2f}), {r['faults']} faults, peak {r['peak_gib']:.2f} GiB", flush=True)  # fmt: skip
+                          f"system {r['system']:.2f}), {r['faults']} faults, peak {r['peak_gib']:.2f} GiB",
+                          flush=True)  # fmt: skip
                     if (name, reuse) not in best or r["seconds"] < best[name, reuse]["seconds"]:
                         best[name, reuse] = r
     print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; fastest of {args.rounds} rounds x {args.steps} steps per side; "
           f"load average {min(loads):.1f}-{max(loads):.1f}\n")  # fmt: skip
-    print("| case | batch | px | default s/step | reuse s/step | default / reuse | default user / system s "
-          "| reuse user / system s | default / reuse page faults per step | default / reuse peak GiB |")
+    print(
+        "| case | batch | px | default s/step | reuse s/step | default / reuse | default user / system s "
+        "| reuse user / system s | default / reuse page faults per step | default / reuse peak GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         d, r = best[name, False], best[name, True]

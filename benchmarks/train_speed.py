@@ -200,7 +200,13 @@ def segtune_module(case: Case, folder: Path, fast: bool):
 
 
 def time_segtune(
-    case: Case, folder: Path, data: Path, steps: int, device: torch.device, bf16: bool, fast: bool,
+    case: Case,
+    folder: Path,
+    data: Path,
+    steps: int,
+    device: torch.device,
+    bf16: bool,
+    fast: bool,
     callbacks: list[Callback] | None = None,
 ) -> dict:
     module = segtune_module(case, folder, fast)

@@ -24,6 +24,7 @@ do the same work.
     python benchmarks/train_speed.py --write           # also write benchmarks/RESULTS.md
     python benchmarks/train_speed.py --only LiteMedSAM # LiteMedSAM's rows alone
     python benchmarks/train_speed.py --size 512 --precision both --no-off --tinyvit   # bf16 against fp32 on CPU
+    python benchmarks/train_speed.py --only LiteMedSAM --precision both --no-off --reuse-freed-memory
 
 On CUDA (default when available): ViT-B full / LoRA / frozen+cache at batch 8 in bf16, ViT-H full
 at batch 4, and LoRA vs QLoRA ViT-H peak memory.
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from transformers import AutoModelForMaskGeneration, SamConfig, SamModel  # noqa: E402
 
+from segtune.allocator import glibc, keep_freed_memory  # noqa: E402
 from segtune.data.datamodule import SegmentationDataModule  # noqa: E402
 from segtune.data.prompts import PromptConfig  # noqa: E402
 from segtune.data.synthetic import write_shapes_coco  # noqa: E402
@@ -397,11 +399,17 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-off", action="store_true", help="skip the 'segtune off' side (a quicker run)")
     parser.add_argument("--tinyvit", action="store_true", help="add LiteMedSAM-sized TinyViT cases (256 px)")
+    parser.add_argument(
+        "--reuse-freed-memory", action="store_true",
+        help="both sides keep freed memory for reuse, as segtune's default ReuseFreedMemory callback does (glibc)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("segtune").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reuse_freed_memory and not ((libc := glibc()) and keep_freed_memory(libc)):
+        sys.exit("--reuse-freed-memory: the C library is not glibc")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases = cases_for(device) + (tinyvit_cases() if args.tinyvit else [])
     if args.only:

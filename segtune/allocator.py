@@ -41,6 +41,18 @@ def glibc() -> Any | None:
     return libc if version() and hasattr(libc, "mallopt") else None
 
 
+def keep_freed_memory(libc: Any) -> bool:
+    """Set glibc's ``mallopt`` so that freed blocks stay in the heap for reuse; ``True`` when glibc took both."""
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
+
+
+def return_freed_memory(libc: Any) -> None:
+    """glibc's defaults back, and the freed memory returned to the system."""
+    libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+
+
 class ReuseFreedMemory(Callback):
     """On CPU runs, let glibc keep freed blocks for the next step instead of unmapping them.
 
@@ -64,7 +76,7 @@ class ReuseFreedMemory(Callback):
         if libc is None:
             log.debug("not glibc: malloc keeps its defaults")
             return
-        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD):
+        if keep_freed_memory(libc):
             self._libc = libc
             log.info(
                 "CPU run: freed memory is kept for the next step (glibc mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 "
@@ -75,7 +87,5 @@ class ReuseFreedMemory(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
         if self._libc is None:
             return
-        self._libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        self._libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        self._libc.malloc_trim(0)
+        return_freed_memory(self._libc)
         self._libc = None

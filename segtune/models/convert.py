@@ -459,17 +459,23 @@ def video_memory_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             else:
                 unknown.append(key)
             continue
-        for pattern, target in compiled:
-            if pattern.fullmatch(key):
-                memory[pattern.sub(target, key)] = value
-                break
-        else:
+        if (name := _renamed(compiled, key)) is None:
             unknown.append(key)
+        else:
+            memory[name] = value
     if unknown:
         raise ConversionError(
             f"{len(unknown)} memory tensors fit no Sam2VideoModel layer (e.g. {', '.join(unknown[:3])})"
         )
     return memory
+
+
+def _renamed(compiled: list[tuple[re.Pattern[str], str]], key: str) -> str | None:
+    """``key`` renamed by the first rule whose pattern matches it whole, or ``None`` when none does."""
+    for pattern, target in compiled:
+        if pattern.fullmatch(key):
+            return pattern.sub(target, key)
+    return None
 
 
 def rename(state: dict[str, torch.Tensor], family: Family) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -486,12 +492,10 @@ def rename(state: dict[str, torch.Tensor], family: Family) -> tuple[dict[str, to
         if ignored is not None and ignored.fullmatch(key):
             dropped.append(key)
             continue
-        for pattern, target in compiled:
-            if pattern.fullmatch(key):
-                renamed[pattern.sub(target, key)] = value
-                break
-        else:
+        if (name := _renamed(compiled, key)) is None:
             unknown.append(key)
+        else:
+            renamed[name] = value
     if family.name == "sam2":  # Sam2's prompt encoder keeps its four point embeddings in one table
         points = sorted(k for k in renamed if re.fullmatch(r"prompt_encoder\.point_embed\.\d+\.weight", k))
         if points:

@@ -16,20 +16,24 @@ image model's) copied from the image model (LoRA merged first, as ``segtune expo
 The memory modules (memory attention, memory encoder, object pointers) are not in an image model:
 they come from ``<VideoModel>.from_pretrained`` of the same source when it has them (HF's SAM2 hub
 checkpoints), or from the native checkpoint file the image model was converted from (Meta's
-``sam2*_hiera_*.pt``, ``MedSAM2_*.pt``: renamed by :func:`segtune.models.convert.video_memory_state`),
-else they are random and a warning says so. transformers runs video inference only
-under ``inference_mode``: segtune does not train the memory modules.
+``sam2*_hiera_*.pt``, ``MedSAM2_*.pt``: renamed by :func:`segtune.models.convert.video_memory_state`;
+``segtune convert`` keeps them, renamed, in the folder's ``video_memory.safetensors``), else they
+are random and a warning says so. transformers runs video inference only under ``inference_mode``:
+segtune does not train the memory modules.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from segtune.data.intensity import gray_to_rgb
@@ -117,7 +121,7 @@ def _weights_source(name: str) -> str | None:
 def memory_source(name: str) -> str | None:
     """Where ``<VideoModel>.from_pretrained`` could load the memory modules of model ``name`` from (a hub
     id or folder), or None for presets built from a random config and native checkpoint files (see
-    :func:`native_memory_file`; ``segtune convert``'s folders keep only the image model's weights)."""
+    :func:`native_memory_file`, which also finds the memory ``segtune convert`` keeps in its folders)."""
     from segtune.models.loading import is_native_file
 
     source = _weights_source(name)
@@ -125,12 +129,19 @@ def memory_source(name: str) -> str | None:
 
 
 def native_memory_file(name: str) -> str | None:
-    """The native SAM2 checkpoint file model ``name`` is read from (a ``.pt``/``.pth`` named directly, or
-    a preset's packaged file), which holds its memory modules too; None otherwise."""
+    """The file holding model ``name``'s SAM2 memory modules besides its image weights: the native
+    checkpoint it is read from (a ``.pt``/``.pth`` named directly, or a preset's packaged file), or the
+    ``video_memory.safetensors`` that ``segtune convert`` writes into a SAM2 folder; None otherwise."""
+    from segtune.models.convert import VIDEO_MEMORY_FILE
     from segtune.models.loading import is_native_file
 
     source = _weights_source(name)
-    return source if source is not None and is_native_file(source) else None
+    if source is None:
+        return None
+    if is_native_file(source):
+        return source
+    kept = Path(source) / VIDEO_MEMORY_FILE
+    return str(kept) if kept.is_file() else None
 
 
 def native_memory(video: nn.Module, memory: dict[str, torch.Tensor], image_keys: set[str]) -> list[str]:
@@ -191,14 +202,15 @@ def build_video_model(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
 
 
 def _from_native_file(model: nn.Module, name: str, path: str) -> tuple[nn.Module | None, str]:
-    """The video model holding the memory modules of the native SAM2 file ``path``, or None and why not
-    (for the warning)."""
+    """The video model holding the memory modules of the native SAM2 file ``path`` (or of a converted
+    folder's ``video_memory.safetensors``), or None and why not (for the warning)."""
     from segtune.models.convert import ConversionError, read_checkpoint, video_memory_state
 
     try:
-        memory = video_memory_state(read_checkpoint(path))
-    except ConversionError as e:
-        return None, f" ({e})"
+        # a converted folder's file holds the memory renamed already
+        memory = load_file(path) if path.endswith(".safetensors") else video_memory_state(read_checkpoint(path))
+    except (ConversionError, OSError, SafetensorError) as e:
+        return None, f" ({path}: {e})"
     config = video_config(image_model(model).config)
     # SAM 2.0 files have neither of these (2.1 added them); the memory bank's length is in the file
     config.enable_occlusion_spatial_embedding = "occlusion_spatial_embedding_parameter" in memory

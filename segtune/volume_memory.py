@@ -121,14 +121,14 @@ def _weights_source(name: str) -> str | None:
 def memory_source(name: str) -> str | None:
     """Where ``<VideoModel>.from_pretrained`` could load the memory modules of model ``name`` from (a hub
     id or folder), or None for presets built from a random config and native checkpoint files (see
-    :func:`native_memory_file`, which also finds the memory ``segtune convert`` keeps in its folders)."""
+    :func:`memory_file`, which also finds the memory ``segtune convert`` keeps in its folders)."""
     from segtune.models.loading import is_native_file
 
     source = _weights_source(name)
     return None if source is None or is_native_file(source) else source
 
 
-def native_memory_file(name: str) -> str | None:
+def memory_file(name: str) -> str | None:
     """The file holding model ``name``'s SAM2 memory modules besides its image weights: the native
     checkpoint it is read from (a ``.pt``/``.pth`` named directly, or a preset's packaged file), or the
     ``video_memory.safetensors`` that ``segtune convert`` writes into a SAM2 folder; None otherwise."""
@@ -173,10 +173,10 @@ def build_video_model(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
     config = image_model(model).config
     video_class = getattr(transformers, VIDEO_CLASSES[config.model_type][1])
     source = memory_source(name)
-    native = native_memory_file(name) if config.model_type == "sam2" else None
+    kept = memory_file(name) if config.model_type == "sam2" else None
     why = ""
-    if native is not None:
-        video, why = _from_native_file(model, name, native)
+    if kept is not None:
+        video, why = _from_memory_file(model, name, kept)
         if video is not None:
             return video, True
     if source is not None:
@@ -196,12 +196,12 @@ def build_video_model(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
         "%s: SAM2's memory modules (memory attention, memory encoder, object pointers) are untrained random "
         "weights: %s holds only the image model's. Memory propagation follows the prompt with an untrained "
         "memory; load a SAM2 video checkpoint for trained ones, or set volume_scoring.propagation: box%s",
-        name, native or ("this preset" if source is None else source), why,
+        name, kept or ("this preset" if source is None else source), why,
     )  # fmt: skip
     return video, False
 
 
-def _from_native_file(model: nn.Module, name: str, path: str) -> tuple[nn.Module | None, str]:
+def _from_memory_file(model: nn.Module, name: str, path: str) -> tuple[nn.Module | None, str]:
     """The video model holding the memory modules of the native SAM2 file ``path`` (or of a converted
     folder's ``video_memory.safetensors``), or None and why not (for the warning)."""
     from segtune.models.convert import ConversionError, read_checkpoint, video_memory_state

@@ -581,7 +581,17 @@ def load_native(
     Raises:
         ConversionError: one line naming the file.
     """
-    state = read_checkpoint(checkpoint)
+    return _native_model(read_checkpoint(checkpoint), checkpoint, family, preprocessing, image_size)
+
+
+def _native_model(
+    state: dict[str, torch.Tensor],
+    checkpoint: str | Path,
+    family: str | None,
+    preprocessing: Preprocessing | None,
+    image_size: int | None,
+) -> tuple[PreTrainedModel, Preprocessing, str]:
+    """:func:`load_native` of ``checkpoint``'s tensors ``state``, already read."""
     found = detect_family(state)
     if found is None:
         raise ConversionError(
@@ -643,13 +653,14 @@ def convert(
     """
     from segtune.models.adapters import save_pretrained
 
-    model, pre, found = load_native(checkpoint, family, preprocessing, image_size)
+    state = read_checkpoint(checkpoint)
+    model, pre, found = _native_model(state, checkpoint, family, preprocessing, image_size)
     save_pretrained(model, pre, output)
     if found == "sam2":
         # the image model has no place for SAM2's video memory: it is kept beside it, under the video
         # model's names, for memory propagation (segtune.volume_memory)
         try:
-            memory = video_memory_state(read_checkpoint(checkpoint))
+            memory = video_memory_state(state)
         except ConversionError as e:
             log.warning("%s: video memory not kept (%s): memory propagation from %s gets a random one", checkpoint, e,
                         output)  # fmt: skip

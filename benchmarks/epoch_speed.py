@@ -80,8 +80,9 @@ PARTS = {
     "  samples (dataset[i])": ("segtune.data.dataset", "InstanceDataset.__getitem__"),
     "    masks decoded from their files": ("segtune.data.records", "ImageRecord.instances"),
     "    low-resolution targets": ("segtune.data.dataset", "masks_to_low_res"),
-    "    images decoded": ("segtune.data.dataset", "InstanceDataset._image"),
-    "    pixel values (resize, normalise)": ("segtune.data.dataset", "preprocess_image"),
+    "    images decoded": ("segtune.data.dataset", "InstanceDataset._decode"),
+    "    images resized": ("segtune.data.dataset", "resize_image"),
+    "    pixel values (normalised, padded)": ("segtune.data.dataset", "normalise_image"),
     "  collate": ("segtune.data.datamodule", "collate"),
     "training steps (forward, backward, optimiser)": None,  # timed by the callback
     "validation steps": ("segtune.methods.base", "SegmentationModule._evaluate"),

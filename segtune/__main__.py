@@ -1,4 +1,4 @@
-from segtune.cli import main
+from segtune.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

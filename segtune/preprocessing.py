@@ -101,6 +101,9 @@ def family_preprocessing(config: Any) -> Preprocessing:
 def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tensor, tuple[int, int]]:
     """Turn an ``[H, W, 3]`` image into the model's ``[3, S, S]`` float input.
 
+    :func:`normalise_image` of :func:`resize_image`; a dataset that keeps resized images calls the two
+    apart.
+
     Args:
         image: uint8 (as the HF processors take it), or float32 already scaled to [0, 1] by the
             intensity policy (16-bit and float data, never squeezed through 8 bits).
@@ -109,21 +112,41 @@ def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tenso
     Returns:
         The pixel values and the ``(h, w)`` size of the resized image before padding.
     """
+    resized = resize_image(image, pre)
+    return normalise_image(resized, pre), (int(resized.shape[0]), int(resized.shape[1]))
+
+
+def resize_image(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Resize an ``[H, W, 3]`` image to :meth:`Preprocessing.resized_shape`, keeping its dtype (uint8
+    stays uint8, so :func:`normalise_image` knows its scale).
+
+    Args:
+        image: uint8, or float32 in [0, 1] (see :func:`preprocess_image`).
+        pre: the model's preprocessing.
+    """
     height, width = image.shape[:2]
     new_h, new_w = pre.resized_shape(height, width)
     if pre.resample == "area":
         # LiteMedSAM's resize (cv2.INTER_AREA on the 8-bit or float image), channels kept
-        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        scale = 1.0 / 255.0 if image.dtype == np.uint8 else 1.0
-    elif image.dtype == np.uint8:
+        return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    if image.dtype == np.uint8:
         # PIL bilinear is what SamImageProcessorPil uses, so the pixels match the HF processor.
-        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-        scale = 1.0 / 255.0
-    else:
-        # The same PIL filter on each channel in float ("F") mode: no 8-bit rounding.
-        channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)) for c in range(3)]
-        resized = np.stack([np.asarray(c.resize((new_w, new_h), Image.BILINEAR)) for c in channels], axis=2)
-        scale = 1.0
+        return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    # The same PIL filter on each channel in float ("F") mode: no 8-bit rounding.
+    channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)) for c in range(3)]
+    return np.stack([np.asarray(c.resize((new_w, new_h), Image.BILINEAR)) for c in channels], axis=2)
+
+
+def normalise_image(resized: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """The model's ``[3, S, S]`` float input from an image :func:`resize_image` gave: rescaled,
+    normalised and padded bottom-right with zeros.
+
+    Args:
+        resized: ``[h, w, 3]`` uint8 (scaled by 1/255) or float (taken as [0, 1]).
+        pre: the model's preprocessing.
+    """
+    new_h, new_w = resized.shape[:2]
+    scale = 1.0 / 255.0 if resized.dtype == np.uint8 else 1.0
     offset = 0.0
     if pre.rescale == "minmax":
         # (x - min) / max(max - min, 1e-8), as LiteMedSAM: folded into the multiply-add below
@@ -140,7 +163,7 @@ def preprocess_image(image: np.ndarray, pre: Preprocessing) -> tuple[torch.Tenso
         view *= np.float32(gains[c])
         if offsets[c]:
             view -= np.float32(offsets[c])
-    return torch.from_numpy(out), (new_h, new_w)
+    return torch.from_numpy(out)
 
 
 def scale_coords(coords: torch.Tensor, original: tuple[int, int], resized: tuple[int, int]) -> torch.Tensor:

@@ -87,7 +87,7 @@ def _losses(metrics: Path) -> dict[tuple[str, str], float]:
 def count_decoded_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Images the dataset decoded and turned into pixel_values inside the block (num_workers 0)."""
     seen = [0, 0]
-    read, preprocess = segtune.data.records.read_image, segtune.data.dataset.preprocess_image
+    read, preprocess = segtune.data.records.read_image, segtune.data.dataset.normalise_image
 
     def counting_read(path: Path):
         seen[0] += 1
@@ -99,7 +99,7 @@ def count_decoded_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]
 
     with monkeypatch.context() as patch:
         patch.setattr(segtune.data.records, "read_image", counting_read)
-        patch.setattr(segtune.data.dataset, "preprocess_image", counting_preprocess)
+        patch.setattr(segtune.data.dataset, "normalise_image", counting_preprocess)
         yield seen
 
 

@@ -17,6 +17,7 @@ from segtune.data.image_cache import ImageCache
 
 PRE = Preprocessing(256, "longest", 64)
 IMAGE_BYTES = 240 * 320 * 3  # the synthetic shapes are 320 x 240 RGB
+RESIZED_BYTES = 192 * 256 * 3  # ... resized to PRE's 256 px input (longest side)
 
 
 @pytest.fixture
@@ -33,8 +34,8 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
-def _dataset(root: Path, stage: str, **kwargs):
-    dm = SegmentationDataModule(root, preprocessing=PRE, **kwargs)
+def _dataset(root: Path, stage: str, pre: Preprocessing = PRE, **kwargs):
+    dm = SegmentationDataModule(root, preprocessing=pre, **kwargs)
     dm.setup(stage)
     return dm.datasets[stage]
 
@@ -57,8 +58,24 @@ def _brighten_in_place(image: np.ndarray, **kwargs) -> np.ndarray:
     return image
 
 
+@pytest.fixture
+def resized(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes of the images the dataset resizes, in order."""
+    calls: list[tuple[int, ...]] = []
+    resize = segtune.data.dataset.resize_image
+
+    def counting(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+        calls.append(image.shape)
+        return resize(image, pre)
+
+    monkeypatch.setattr(segtune.data.dataset, "resize_image", counting)
+    return calls
+
+
 @pytest.mark.parametrize("augmented", [False, True], ids=["plain", "augmented"])
-def test_second_pass_decodes_nothing_and_samples_are_unchanged(augmented: bool, shapes_root: Path, decoded) -> None:
+def test_second_pass_decodes_nothing_and_samples_are_unchanged(
+    augmented: bool, shapes_root: Path, decoded, resized
+) -> None:
     # augmentations run on a copy: a transform writing in place must not change what the next epoch reads
     augmentations = [A.Lambda(image=_brighten_in_place, p=1.0), A.HorizontalFlip(p=1.0)] if augmented else None
     plain = _dataset(shapes_root, "fit", augmentations=augmentations)
@@ -67,11 +84,27 @@ def test_second_pass_decodes_nothing_and_samples_are_unchanged(augmented: bool, 
     decoded.clear()
     first = _pass(cached, 0)
     assert len(decoded) == len(cached) == 8
+    resized.clear()
     second = _pass(cached, 1)
     assert len(decoded) == 8  # nothing decoded again
     _assert_same(first, reference[0])
     _assert_same(second, reference[1])
-    assert cached.image_cache.used == 8 * IMAGE_BYTES
+    if augmented:  # the decoded image is kept: augmentations transform it before it is resized
+        assert cached.image_cache.used == 8 * IMAGE_BYTES and len(resized) == 8
+    else:  # the resized image is kept (smaller): nothing is resized again either
+        assert cached.image_cache.used == 8 * RESIZED_BYTES and resized == []
+
+
+def test_a_small_image_for_a_large_input_keeps_the_decoded_image(shapes_root: Path, decoded, resized) -> None:
+    # at 1024 px the resized image (768 x 1024) would take 10x the memory of the decoded 240 x 320 one
+    large = Preprocessing(1024, "longest", 256)
+    cached = _dataset(shapes_root, "validate", large, cache_images=64)
+    reference = _pass(_dataset(shapes_root, "validate", large))
+    decoded.clear()
+    _assert_same(_pass(cached), reference)
+    _assert_same(_pass(cached), reference)
+    assert len(decoded) == 4 and cached.image_cache.used == 4 * IMAGE_BYTES
+    assert all(shape[:2] == (240, 320) for shape in resized)  # resized from the kept decoded image
 
 
 def test_evaluation_split_is_cached_too(shapes_root: Path, decoded) -> None:
@@ -84,7 +117,8 @@ def test_evaluation_split_is_cached_too(shapes_root: Path, decoded) -> None:
 
 
 def test_budget_is_respected_and_reported_once(shapes_root: Path, decoded, caplog: pytest.LogCaptureFixture) -> None:
-    dataset = _dataset(shapes_root, "fit", cache_images=1)  # 1 MiB holds 4 of the 230 kB images
+    augmentations = [A.HorizontalFlip(p=1.0)]  # the decoded images are kept
+    dataset = _dataset(shapes_root, "fit", cache_images=1, augmentations=augmentations)  # 4 of the 230 kB images
     with caplog.at_level(logging.INFO, logger="segtune"):
         _pass(dataset)
         decoded.clear()

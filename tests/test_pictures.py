@@ -169,3 +169,19 @@ def test_compare_plot_names_every_cell_with_units(tmp_path: Path) -> None:
     assert memory.get_ylabel() == "test Dice (mean over instances, 0-1)"
     assert "12 of 13 cells" in figure.get_suptitle()
     assert any("failed" in t and "sam-tiny / d" in t for t in _texts(figure.texts))
+
+
+def test_figures_are_saved_as_opaque_rgb_at_their_pixel_size_and_replace_atomically(tmp_path: Path) -> None:
+    from segtune.visualise import _figure, save_figure
+
+    fig = _figure(300, 200)
+    fig.text(0.5, 0.5, "segtune", ha="center")
+    target = tmp_path / "pictures" / "grid.png"
+    target.parent.mkdir()
+    target.write_bytes(b"an older picture")
+    assert save_figure(fig, target) == target
+    with Image.open(target) as picture:
+        assert picture.mode == "RGB" and picture.size == (300, 200)
+        pixels = np.asarray(picture)
+    assert (pixels == 255).all(axis=2).mean() > 0.9 and (pixels < 128).any()  # white page, dark text
+    assert [p.name for p in target.parent.iterdir()] == ["grid.png"]  # no temporary file left

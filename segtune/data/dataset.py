@@ -16,7 +16,7 @@ from segtune.data.images import image_size
 from segtune.data.intensity import IntensityPolicy
 from segtune.data.prompts import PromptConfig, jitter_box, mask_to_box, sample_points
 from segtune.data.records import ImageRecord
-from segtune.preprocessing import Preprocessing, masks_to_low_res, preprocess_image, scale_coords
+from segtune.preprocessing import Preprocessing, masks_to_low_res, normalise_image, resize_image, scale_coords
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,10 @@ class InstanceDataset(Dataset):
         intensity: how 16-bit, float and grayscale images become the model's 3-channel input.
         category_ids: the dataset's own id of each class index (COCO category ids), for prediction
             files; ``index + 1`` when not given.
-        cache_images: keep decoded images (after the intensity policy) in memory up to this many
-            MiB, so later epochs do not decode them again (0: off). See :mod:`segtune.data.image_cache`.
+        cache_images: keep images in memory up to this many MiB, so later epochs do not decode them
+            again (0: off). Without augmentations an image is kept resized to the model's input when
+            that is smaller than the decoded image, so later epochs do not resize it either. See
+            :mod:`segtune.data.image_cache`.
 
     Images the model already holds the image-encoder output of (an embedding cache, see
     :meth:`mark_encoded`) are not decoded: their samples carry no ``pixel_values``, and their size
@@ -67,6 +69,7 @@ class InstanceDataset(Dataset):
         where = str(self.records[0].path.parent) if self.records else "dataset"
         self.image_cache = ImageCache(cache_images, len(self.records), where) if cache_images else None
         self.mask_cache = MaskCache()
+        self.sizes: dict[int, tuple[int, int]] = {}  # (H, W) of each decoded image, by index
         # one flag per image, shared with worker processes (forked or spawned) through shared memory
         self.encoded = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
         # an image is its file and, for a file of several images (a volume's slices), its image_key
@@ -94,7 +97,7 @@ class InstanceDataset(Dataset):
         index = self._index.get((path, key))
         if index is None:
             return None
-        return preprocess_image(self._image(index, self.records[index]), self.pre)[0]
+        return normalise_image(self._resized(index, self.records[index])[0], self.pre)
 
     def clear_encoded(self) -> None:
         """Decode every image again (the model dropped the encoder outputs it held)."""
@@ -116,7 +119,11 @@ class InstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
-        image, size = self._image_and_size(index, record)
+        if self.augment is None:
+            image, size = self._resized(index, record)
+        else:  # augmentations see the decoded image; it is resized after them
+            image = self._image(index, record)
+            size = (int(image.shape[0]), int(image.shape[1]))
         if record.boxes is not None or record.points is not None:  # given prompts (predict): no ground truth
             return self.make_sample(
                 image, [], record.box_classes, record, self._rng(record), boxes=record.boxes, points=record.points,
@@ -124,9 +131,11 @@ class InstanceDataset(Dataset):
             )  # fmt: skip
         masks, classes = self._instances(index, record, size)
         rng = self._rng(record)
-        if self.augment is not None and masks:
-            image, masks, classes = self._augment(image, masks, classes, rng)
-            size = image.shape[:2]
+        if self.augment is not None:
+            if masks:
+                image, masks, classes = self._augment(image, masks, classes, rng)
+                size = (int(image.shape[0]), int(image.shape[1]))
+            image = resize_image(image, self.pre)
         keep = [i for i, m in enumerate(masks) if m.any()]
         if self.train and len(keep) > self.prompts.max_instances:
             keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
@@ -162,19 +171,41 @@ class InstanceDataset(Dataset):
             return image, masks, classes
         return new_image, [augmented[i] for i in kept], [classes[i] for i in kept]
 
-    def _image_and_size(self, index: int, record: ImageRecord) -> tuple[np.ndarray | None, tuple[int, int]]:
-        """The decoded image and its ``(H, W)``; no image for one the model holds the encoder output of."""
-        if self.encoded[index] and self.augment is None:
+    def _resized(self, index: int, record: ImageRecord) -> tuple[np.ndarray | None, tuple[int, int]]:
+        """The image resized to the model's input (:func:`~segtune.preprocessing.resize_image`) and the
+        ``(H, W)`` of the file; no image for one the model holds the encoder output of.
+
+        The image cache keeps whichever of the decoded and the resized image is smaller: the resized
+        one spares later epochs the resize, the decoded one (a small image for a large model) the memory.
+        """
+        if self.encoded[index]:
             # checked against the file when it was decoded, in the pass that encoded it
-            size = (record.height, record.width) if record.height is not None else image_size(record.path)
+            size = self.sizes.get(index) or (
+                (record.height, record.width) if record.height is not None else image_size(record.path)
+            )
             return None, (int(size[0]), int(size[1]))
-        image = self._image(index, record)
-        size = image.shape[:2]
+
+        def decode() -> np.ndarray:
+            image = self._decode(index, record)
+            resized = resize_image(image, self.pre)
+            return resized if resized.nbytes <= image.nbytes else image
+
+        kept = decode() if self.image_cache is None else self.image_cache.get(index, decode)
+        size = self.sizes[index]
+        if kept.shape[:2] != self.pre.resized_shape(*size):  # the decoded image was kept
+            kept = resize_image(kept, self.pre)
+        return kept, size
+
+    def _decode(self, index: int, record: ImageRecord) -> np.ndarray:
+        """Decode the record's image (after the intensity policy) and check its size against the json."""
+        image = record.decode(self.intensity)
+        size = (int(image.shape[0]), int(image.shape[1]))
         if record.height is not None and size != (record.height, record.width):
             raise ValueError(
                 f"{record.path}: image is {size[1]}x{size[0]} but the json says {record.width}x{record.height}"
             )
-        return image, (int(size[0]), int(size[1]))
+        self.sizes[index] = size
+        return image
 
     def _instances(self, index: int, record: ImageRecord, size: tuple[int, int]) -> tuple[list[np.ndarray], list[int]]:
         """The record's instance masks; a mask file's are read once and kept run-length encoded."""
@@ -183,13 +214,11 @@ class InstanceDataset(Dataset):
         return self.mask_cache.get(index, size, lambda: record.instances(size))
 
     def _image(self, index: int, record: ImageRecord) -> np.ndarray:
-        def decode() -> np.ndarray:
-            return record.decode(self.intensity)
-
+        """The decoded image (for augmentations: a copy when it comes from the cache, which they may
+        write into)."""
         if self.image_cache is None:
-            return decode()
-        # augmentations may write into the image: they get a copy, never the cached array
-        return self.image_cache.get(index, decode, copy=self.augment is not None)
+            return self._decode(index, record)
+        return self.image_cache.get(index, lambda: self._decode(index, record), copy=True)
 
     def make_sample(
         self,
@@ -200,11 +229,23 @@ class InstanceDataset(Dataset):
         rng: np.random.Generator,
         boxes: np.ndarray | None = None,
         points: np.ndarray | None = None,
-        size: tuple[int, int] | None = None,
+        *,
+        size: tuple[int, int],
     ) -> Sample:
         """Build prompts from ``masks`` (or take the given ``boxes`` or ``[N, P, 3]`` ``points``) and put
-        everything in the model frame; without ``image`` (its encoder output is held), no ``pixel_values``."""
-        size = image.shape[:2] if size is None else size
+        everything in the model frame.
+
+        Args:
+            image: the image resized to the model's input (:func:`~segtune.preprocessing.resize_image`);
+                None for one whose encoder output the model holds (no ``pixel_values``).
+            masks: ``[H, W]`` bool instance masks at the original size.
+            classes: class index of each mask.
+            record: the image's record.
+            rng: the sample's generator (box jitter, points).
+            boxes: given ``[N, 4]`` xyxy boxes at the original size (predict).
+            points: given ``[N, P, 3]`` points ``(x, y, label)`` at the original size (predict).
+            size: ``(H, W)`` of the original image.
+        """
         reshaped = self.pre.resized_shape(*size)
         given_points = points is not None
         if given_points:  # no box prompt; the box metadata (no floor is scored in predict) stays empty
@@ -230,7 +271,7 @@ class InstanceDataset(Dataset):
         if record.image_key:  # one of several images in one file (a volume's slice)
             sample["image_key"] = record.image_key
         if image is not None:
-            sample["pixel_values"] = preprocess_image(image, self.pre)[0]
+            sample["pixel_values"] = normalise_image(image, self.pre)
         if given_points:
             sample["input_points"] = scale_coords(torch.from_numpy(points[:, :, :2].copy()), size, reshaped)
             sample["input_labels"] = torch.from_numpy(points[:, :, 2].astype(np.int64))

@@ -52,11 +52,14 @@ SHAPES = {"star": (_star, _triangle), "cross": (_cross, _ell)}
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    # a colour gradient plus noise; the gradient is built from one row and one column (broadcast), which
+    # gives the same numbers as full coordinate grids at a fraction of the work
+    xs = (np.arange(width) / max(height, width))[None, :, None]
+    ys = (np.arange(height) / max(height, width))[:, None, None]
     base = rng.uniform(60, 160, size=3)
     slope = rng.uniform(-50, 50, size=(2, 3))
-    img = base + xx[..., None] * slope[0] + yy[..., None] * slope[1]
-    img = img + rng.normal(0, 12, size=img.shape)
+    img = base + xs * slope[0] + ys * slope[1]
+    img += rng.normal(0, 12, size=img.shape)
     return img
 
 
@@ -83,19 +86,21 @@ def _draw_image(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
             pts = make(rng) @ rot.T * radius * rng.uniform(0.7, 1.3, size=2)
             centre = rng.uniform([radius, radius], [width - radius, height - radius])
             pts = pts + centre
-            layer = Image.new("L", (width, height), 0)
-            ImageDraw.Draw(layer).polygon([tuple(p) for p in pts], fill=1)
-            mask = np.asarray(layer, dtype=bool)
             # Boxes (with a margin) do not overlap: each box prompt names one shape. Shapes lie
-            # inside the image, as annotations of a clean export do.
+            # inside the image, as annotations of a clean export do. (Checked before drawing: a
+            # rejected attempt costs no full-size mask.)
             (x0, y0), (x1, y1) = np.floor(pts.min(axis=0)).astype(int), np.ceil(pts.max(axis=0)).astype(int)
             if x0 < 0 or y0 < 0 or x1 >= width or y1 >= height:
                 continue
-            box = np.zeros_like(occupied)
-            box[max(0, y0 - 4) : y1 + 5, max(0, x0 - 4) : x1 + 5] = True
-            if mask.sum() < 50 or (box & occupied).any():
+            box = (slice(max(0, y0 - 4), y1 + 5), slice(max(0, x0 - 4), x1 + 5))
+            if occupied[box].any():
                 continue
-            occupied |= box
+            layer = Image.new("L", (width, height), 0)
+            ImageDraw.Draw(layer).polygon([tuple(p) for p in pts], fill=1)
+            mask = np.asarray(layer, dtype=bool)
+            if mask.sum() < 50:
+                continue
+            occupied[box] = True
             colour = rng.uniform(0, 255, size=3)
             while np.abs(colour - img[mask].mean(axis=0)).max() < MIN_CONTRAST:
                 colour = rng.uniform(0, 255, size=3)

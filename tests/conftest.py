@@ -29,7 +29,8 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def quickstart_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The best checkpoint of a one-epoch quickstart fit (sam-tiny, LoRA) on ``shapes_root``."""
+    """The best checkpoint of a one-epoch LoRA quickstart fit (``configs/quickstart_lora.yaml``: sam-tiny) on
+    ``shapes_root``."""
     import os
 
     from segtune.cli import main
@@ -38,11 +39,11 @@ def quickstart_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFa
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.root", str(shapes_root),
+        main(["fit", "--config", str(CONFIGS / "quickstart_lora.yaml"), "--data.init_args.root", str(shapes_root),
               "--trainer.max_epochs", "1"])  # fmt: skip
     finally:
         os.chdir(old)
-    return next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+    return next((cwd / "runs/quickstart_lora/version_0/checkpoints").glob("best-*.ckpt"))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from tests.conftest import CONFIGS, last_metrics
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
+QUICKSTART_LORA = CONFIGS / "quickstart_lora.yaml"
 # compare.yaml is not a Trainer config: tests/test_compare.py parses it; wandb.yaml is a logger to add
 # to another config: tests/test_use.py runs it with the quickstart
 ALL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("compare.yaml", "wandb.yaml"))
@@ -111,10 +112,10 @@ def test_fit_test_predict_round_trip(run_cli, shapes_root: Path, capsys: pytest.
 
 def test_lora_checkpoint_holds_only_trainable_weights(run_cli, shapes_root: Path) -> None:
     cwd = run_cli(
-        "fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root,
+        "fit", "--config", QUICKSTART_LORA, "--data.init_args.root", shapes_root,
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
     )  # fmt: skip
-    ckpt = torch.load(cwd / "runs/quickstart/version_0/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(cwd / "runs/quickstart_lora/version_0/checkpoints/last.ckpt", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert keys and all("lora_" in k or "modules_to_save" in k for k in keys)
     assert not any("base_layer" in k for k in keys)

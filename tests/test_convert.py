@@ -300,7 +300,7 @@ def test_full_size_mobilesam_layout_converts() -> None:
 
 
 # --- the user's path: convert, fit, export, reload ------------------------------------------------
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+QUICKSTART_LORA = Path(__file__).resolve().parents[1] / "configs" / "quickstart_lora.yaml"
 
 
 @needs_mobilesam
@@ -314,11 +314,11 @@ def test_converted_mobilesam_fits_exports_and_reloads(run_cli, shapes_root: Path
     assert AutoConfig.from_pretrained(folder).model_type == "mobilesam"
     assert preprocessing_for(str(folder)).image_size == 256
     cwd = run_cli(
-        "fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--model.init_args.model", folder,
+        "fit", "--config", QUICKSTART_LORA, "--data.init_args.root", shapes_root, "--model.init_args.model", folder,
         "--model.init_args.target_modules", "null", "--model.init_args.modules_to_save", "[mask_decoder]",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
     )  # fmt: skip
-    best = next((cwd / "runs/quickstart/version_0/checkpoints").glob("best-*.ckpt"))
+    best = next((cwd / "runs/quickstart_lora/version_0/checkpoints").glob("best-*.ckpt"))
     with pytest.raises(SystemExit) as done:
         main(["export", "--ckpt_path", str(best), "--output", str(tmp_path / "merged"), "--merge"])
     assert done.value.code == 0

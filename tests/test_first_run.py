@@ -66,7 +66,7 @@ def test_max_epochs_and_precision_defaults_show_in_print_config(
     assert printed["model"]["init_args"]["empty_target"] == "exclude"
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(QUICKSTART), "--print_config"])
-    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_epochs"] == 20  # a config's own value wins
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_epochs"] == 16  # a config's own value wins
 
 
 def test_a_model_that_predicts_only_background_is_warned_about_once(

@@ -14,6 +14,7 @@ import torch
 from tests.conftest import CONFIGS, metrics_rows, segtune_script
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
+QUICKSTART_LORA = CONFIGS / "quickstart_lora.yaml"
 
 
 def _last(rows: list[dict[str, str]], key: str) -> float:
@@ -63,9 +64,9 @@ def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(shapes_root: Pa
 def test_adapter_after_a_resume_is_still_the_best_checkpoints(run_cli, shapes_root: Path) -> None:
     from safetensors.torch import load_file
 
-    common = ["--config", QUICKSTART, "--data.init_args.root", shapes_root, "--trainer.limit_train_batches", "2"]
+    common = ["--config", QUICKSTART_LORA, "--data.init_args.root", shapes_root, "--trainer.limit_train_batches", "2"]
     cwd = run_cli("fit", *common, "--trainer.max_epochs", "1")  # the best epoch: 0
-    run = cwd / "runs/quickstart/version_0"
+    run = cwd / "runs/quickstart_lora/version_0"
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     # Resumed epochs validate nothing, so no later epoch can become the best: the adapter must stay epoch 0's.
     run_cli("fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_val_batches", "0", "--ckpt_path", "last")

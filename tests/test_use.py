@@ -330,7 +330,7 @@ def test_wandb_offline_run_has_metrics_config_and_pictures(
         if record.WhichOneof("record_type") == "config":
             config.update({u.key: json.loads(u.value_json) for u in record.config.update})
     resolved = config["config"]  # the whole resolved config, not only the model's arguments
-    assert resolved["model"]["class_path"] == "segtune.methods.LoRA"
+    assert resolved["model"]["class_path"] == "segtune.methods.FullFinetune"
     assert resolved["data"]["class_path"] == "segtune.data.SyntheticShapesDataModule"
     assert resolved["trainer"]["max_epochs"] == 1 and resolved["trainer"]["logger"]["init_args"]["project"] == "segtune"
     # segtune's own files land in the run's folder, beside its checkpoints

@@ -29,6 +29,8 @@ from segtune.models.adapters import freeze_unreached
 from segtune.models.embedding_cache import embedding_inputs, encode_images
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
+from segtune.models.packing import PackedPrompts
+from segtune.models.packing import PackedPrompts
 from segtune.models.sanitise import Sanitiser
 from segtune.postprocess import EmptyTarget, ImagePrediction, InstanceScores, predictions, score_batch
 from segtune.preprocessing import Preprocessing
@@ -197,9 +199,15 @@ class SegmentationModule(LightningModule):
                 the batch's pixels (the embedding cache's entries, or a volume's slices kept while it
                 is scored).
         """
+        embeddings = embedding_inputs(self.model, encoded)
+        # padding prompts are not decoded: each real prompt runs as a one-prompt image (segtune.models.packing)
+        packed = PackedPrompts.of(batch.get("prompt_valid"))
+        if packed is not None:
+            embeddings = {k: packed.images_of(v) for k, v in embeddings.items()}
+            batch = {**batch, **packed.prompts(batch)}
         # pixel_values=None: the sanitiser drops it, so the model runs from the embeddings alone
-        inputs = {**batch, "pixel_values": None, **embedding_inputs(self.model, encoded)}
-        return SegmentationModule.forward(self, inputs)
+        out = SegmentationModule.forward(self, {**batch, "pixel_values": None, **embeddings})
+        return out if packed is None else packed.unpack(out)
 
     def _loss(self, out: Any, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(out.pred_masks, out.iou_scores, batch["low_res_masks"], batch["prompt_valid"])

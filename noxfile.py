@@ -28,7 +28,11 @@ def tests(session: nox.Session) -> None:
     _install(session, "test")
     _install_sam2_reference(session)
     _install_litemedsam_weights(session)
-    session.run("pytest", *session.posargs)
+    # two worker processes, one torch thread each (tests/conftest.py): the suite's many small CLI runs
+    # are mostly Python, so two cores finish it in about half the time; a file's tests share one worker
+    # (its module fixtures are built once). SEGTUNE_TEST_WORKERS=0 runs it in this process.
+    workers = os.environ.get("SEGTUNE_TEST_WORKERS", "2")
+    session.run("pytest", "-n", workers, "--dist", "loadfile", *session.posargs)
 
 
 def _install_sam2_reference(session: nox.Session) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from segtune.cli import main
@@ -19,6 +21,15 @@ from segtune.data.synthetic import write_shapes_coco
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist each worker is one of several processes on the machine: one torch thread
+    # each, also for the segtune processes tests start (OMP_NUM_THREADS), or two workers' threads
+    # wait for each other on two cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

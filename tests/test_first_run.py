@@ -24,7 +24,8 @@ def test_fit_on_a_labelme_folder_through_layout_auto(run_cli, tmp_path: Path, ca
     with caplog.at_level(logging.INFO, logger="segtune"):
         cwd = run_cli(
             "fit", "--config", QUICKSTART, "--data.class_path", "segtune.data.SegmentationDataModule",
-            "--data.init_args.root", data, "--trainer.accelerator", "auto", "--trainer.max_epochs", "1",
+            "--data.init_args.root", data, "--trainer.accelerator", "auto", "--trainer.precision", "null",
+            "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
             "--trainer.num_sanity_val_steps", "0",
         )  # fmt: skip
@@ -37,9 +38,16 @@ def test_fit_on_a_labelme_folder_through_layout_auto(run_cli, tmp_path: Path, ca
     assert any((cwd / "runs" / "quickstart" / "version_0" / "checkpoints").glob("best-*.ckpt"))
 
 
-def test_default_precision_is_bf16_mixed_only_on_a_bf16_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_precision_is_bf16_mixed_only_on_a_bf16_gpu_or_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert default_precision("auto") == ("32-true", "no CUDA GPU with bf16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert default_precision("auto") == ("32-true", "a CPU without native bf16")
+    assert default_precision("cpu") == ("32-true", "accelerator cpu, no native bf16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # e.g. AMD EPYC (Zen 4)
+    assert default_precision("auto") == ("bf16-mixed", "the CPU computes bf16 natively (avx512_bf16)")
+    assert default_precision("cpu") == ("bf16-mixed", "the CPU computes bf16 natively (avx512_bf16)")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake A100")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
@@ -47,7 +55,8 @@ def test_default_precision_is_bf16_mixed_only_on_a_bf16_gpu(monkeypatch: pytest.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert default_precision("auto") == ("bf16-mixed", "Fake A100 supports bf16")
     assert default_precision("gpu")[0] == "bf16-mixed"
-    assert default_precision("cpu") == ("32-true", "accelerator cpu")
+    assert default_precision("cpu") == ("32-true", "accelerator cpu, no native bf16")
+    assert default_precision("mps") == ("32-true", "accelerator mps")
 
 
 def test_max_epochs_and_precision_defaults_show_in_print_config(

@@ -251,7 +251,8 @@ def test_frozen_batch_norm_statistics_in_training() -> None:
 def test_zero_shot_test_dice_agrees_with_litemedsams_own_pipeline(
     reference: torch.nn.Module, kvasir_subset: Path, cache_dir: Path, run_cli
 ) -> None:
-    run = run_cli("test", *_run_args(kvasir_subset, cache_dir))  # no checkpoint: the untuned model
+    # fp32 as LiteMedSAM's own pipeline (a CPU with native bf16 would otherwise run bf16 autocast)
+    run = run_cli("test", *_run_args(kvasir_subset, cache_dir), "--trainer.precision", "32-true")  # untuned
     report = json.loads(next((run / "runs").glob("*/version_0/test_metrics.json")).read_text())
     ours = {row["file_name"]: row["dice"] for row in report["per_image"]}
     theirs = {}

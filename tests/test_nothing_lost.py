@@ -19,6 +19,7 @@ from PIL import Image
 from tests.conftest import CONFIGS
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
+QUICKSTART_LORA = CONFIGS / "quickstart_lora.yaml"
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -46,16 +47,17 @@ def _exit_code(run_cli, *args: object) -> int:
 def test_resume_from_a_damaged_last_ckpt_changes_nothing(
     quickstart_checkpoint: Path, shapes_root: Path, run_cli, tmp_path: Path, capsys
 ) -> None:
-    shutil.copytree(quickstart_checkpoint.parents[3], tmp_path / "runs")  # runs/quickstart/version_0 of a real fit
-    run = tmp_path / "runs/quickstart/version_0"
+    shutil.copytree(quickstart_checkpoint.parents[3], tmp_path / "runs")  # runs/quickstart_lora/version_0 of a real fit
+    run = tmp_path / "runs/quickstart_lora/version_0"
     last = run / "checkpoints/last.ckpt"
     os.truncate(last, last.stat().st_size // 2)  # a killed copy
     before = _snapshot(tmp_path / "runs")
     assert "metrics.csv" in str(list(before)) and "config.yaml" in str(list(before))
-    resume = ["fit", "--config", QUICKSTART, "--data.init_args.root", shapes_root, "--ckpt_path", "last"]
+    resume = ["fit", "--config", QUICKSTART_LORA, "--data.init_args.root", shapes_root, "--ckpt_path", "last"]
     assert _exit_code(run_cli, *resume) == 1
     err = _last_error(capsys)
-    assert err.startswith(f"segtune: error: {Path('runs/quickstart/version_0/checkpoints/last.ckpt')}: not a readable")
+    damaged = Path("runs/quickstart_lora/version_0/checkpoints/last.ckpt")
+    assert err.startswith(f"segtune: error: {damaged}: not a readable")
     assert "Nothing was changed" in err and "best-epoch00" in err  # what else it can resume from
     assert _snapshot(tmp_path / "runs") == before  # every file as it was, no new version folder
 

@@ -30,7 +30,6 @@ from segtune.models.embedding_cache import embedding_inputs, encode_images
 from segtune.models.fast_attention import install_fast_attention
 from segtune.models.loading import enable_checkpointing, load_model
 from segtune.models.packing import PackedPrompts
-from segtune.models.packing import PackedPrompts
 from segtune.models.sanitise import Sanitiser
 from segtune.postprocess import EmptyTarget, ImagePrediction, InstanceScores, predictions, score_batch
 from segtune.preprocessing import Preprocessing

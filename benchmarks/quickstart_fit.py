@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
 import platform
 import shutil
@@ -32,6 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import append_section  # noqa: E402
+
 CONFIGS = [ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "quickstart_lora.yaml"]
 PHASES = ["start-up", "data written", "training", "exit"]
 #: the line that ends each phase but the last
@@ -125,17 +128,12 @@ def main() -> None:
     table = render(results)
     print("\n" + table)
     if args.write:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        header = "\n".join([
-            f"## {datetime.date.today().isoformat()}: the quickstart fit from an empty folder, CPU "
-            f"({platform.processor() or 'CPU'}, {os.cpu_count()} CPUs)",
-            "",
-            f"Command: `python benchmarks/quickstart_fit.py {' '.join(sys.argv[1:])}`  ",
-            f"Each fit a separate `segtune fit` process in a new folder (the synthetic export written each time); "
-            f"highest 1-minute load average seen: {max(loads):.1f}. Phases of the fastest fit of each config.",
-        ])  # fmt: skip
-        path.write_text(path.read_text().rstrip() + "\n\n" + header + "\n\n" + table + "\n")
-        print(f"written to {path}")
+        append_section(
+            f"the quickstart fit from an empty folder, CPU ({platform.processor() or 'CPU'}, {os.cpu_count()} CPUs)",
+            [f"Each fit a separate `segtune fit` process in a new folder (the synthetic export written each time); "
+             f"highest 1-minute load average seen: {max(loads):.1f}. Phases of the fastest fit of each config."],
+            table,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from epoch_speed import PARTS  # noqa: E402
+from results import append_section  # noqa: E402
 from train_speed import _load, fmt  # noqa: E402
 
 from segtune.cli import DEFAULTS  # noqa: E402
@@ -129,20 +129,15 @@ def main() -> None:
     tables = render(epochs)
     print("\n" + tables)
     if args.write:
-        results = ROOT / "benchmarks" / "RESULTS.md"
-        header = "\n".join([
-            f"## {datetime.date.today().isoformat()}: quickstart epochs, CPU ({platform.processor() or 'CPU'}, "
-            f"{torch.get_num_threads()} torch threads)",
-            "",
-            f"Command: `python benchmarks/quickstart_speed.py {' '.join(sys.argv[1:])}`  ",
-            f"{args.rounds} rounds of {args.epochs}-epoch fits of configs/quickstart.yaml per candidate, interleaved "
-            f"in one process; highest 1-minute load average seen: {max(loads):.1f} on {os.cpu_count()} CPUs (other "
-            "processes' load reaches every candidate alike: compare the ratios). Fastest epoch of each candidate; "
-            "CPU: user + system seconds of this process and its DataLoader workers (workers are counted when "
-            "they exit, so a persistent worker's CPU time shows in no epoch: only its wall time does).",
-        ])  # fmt: skip
-        results.write_text(results.read_text().rstrip() + "\n\n" + header + "\n\n" + tables + "\n")
-        print(f"written to {results}")
+        append_section(
+            f"quickstart epochs, CPU ({platform.processor() or 'CPU'}, {torch.get_num_threads()} torch threads)",
+            [f"{args.rounds} rounds of {args.epochs}-epoch fits of configs/quickstart.yaml per candidate, interleaved "
+             f"in one process; highest 1-minute load average seen: {max(loads):.1f} on {os.cpu_count()} CPUs (other "
+             "processes' load reaches every candidate alike: compare the ratios). Fastest epoch of each candidate; "
+             "CPU: user + system seconds of this process and its DataLoader workers (workers are counted when "
+             "they exit, so a persistent worker's CPU time shows in no epoch: only its wall time does)."],
+            tables,
+        )  # fmt: skip
 
 
 def render(epochs: dict[str, list[dict]]) -> str:

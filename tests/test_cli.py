@@ -16,7 +16,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from tests.conftest import CONFIGS, last_metrics
+from tests.conftest import CONFIGS, ROOT, last_metrics
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
 QUICKSTART_LORA = CONFIGS / "quickstart_lora.yaml"
@@ -153,3 +153,23 @@ def test_lightning_optimizer_flags_are_not_offered(capsys: pytest.CaptureFixture
         main(["fit", "--config", str(QUICKSTART), "--optimizer", "torch.optim.SGD", "--print_config"])
     assert exit_info.value.code == 2
     assert "optimizer" in capsys.readouterr().err
+
+
+def test_the_segtune_command_freezes_the_garbage_collector_as_it_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # interpreter shutdown spent 1-2 s collecting torch's objects (benchmarks/quickstart_fit.py's "exit" phase)
+    import segtune.cli
+
+    calls: list[str] = []
+
+    def failing_main() -> None:
+        calls.append("main")
+        raise SystemExit(3)
+
+    monkeypatch.setattr(segtune.cli, "main", failing_main)
+    monkeypatch.setattr(segtune.cli.gc, "freeze", lambda: calls.append("freeze"))
+    with pytest.raises(SystemExit) as exit_info:
+        segtune.cli.run()
+    assert exit_info.value.code == 3 and calls == ["main", "freeze"]  # the exit code is kept
+    import tomllib
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {"segtune": "segtune.cli:run"}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +24,7 @@ from peft import PeftModel
 
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
-from segtune.files import output_folder, read_checkpoint_file
+from segtune.files import output_folder, read_checkpoint_file, write_atomically
 from segtune.models.adapters import save_pretrained
 from segtune.reports import (
     IMAGE_SCORES,
@@ -495,18 +493,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint_file(path, weights_only=weights_only is not False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint gets the usual permissions
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(scratch: Path) -> None:
+            with open(scratch, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        write_atomically(Path(path), write, fsync=True)

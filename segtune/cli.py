@@ -75,11 +75,10 @@ def default_precision(accelerator: Any) -> tuple[str, str]:
     gpu_allowed = accelerator in (None, "auto", "gpu", "cuda")
     if gpu_allowed and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16-mixed", f"{torch.cuda.get_device_name()} supports bf16"
-    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
-    native = cpu_bf16() if on_cpu else None
-    if native:
-        return "bf16-mixed", f"the CPU computes bf16 natively ({native})"
-    if on_cpu:
+    if accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()):
+        native = cpu_bf16()
+        if native:
+            return "bf16-mixed", f"the CPU computes bf16 natively ({native})"
         return "32-true", "a CPU without native bf16" if gpu_allowed else f"accelerator {accelerator}, no native bf16"
     return "32-true", "no CUDA GPU with bf16" if gpu_allowed else f"accelerator {accelerator}"
 

@@ -5,6 +5,8 @@
 - :func:`output_folder`: an output folder (``segtune export``, ``segtune convert``) must be new or
   empty unless the user says ``--overwrite``; the files are written into a folder beside it and
   moved into place at the end, so a crash leaves the old folder or the new one, never a mix.
+- :func:`write_atomically`: one file (a checkpoint, a figure, a json, a volume) written beside its
+  path and renamed over it, so a reader never sees half a file and a failed write changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,38 @@ def _publish(scratch: Path, output: Path) -> None:
     os.replace(output, old / output.name)
     os.replace(scratch, output)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], suffix: str = ".tmp", fsync: bool = False) -> Path:
+    """Write ``path`` through ``write(temporary)`` and rename the temporary file over it.
+
+    The temporary file lies beside ``path`` (same filesystem, so the rename is atomic) and gets the
+    permissions a new file would get; it is removed when ``write`` fails, leaving ``path`` as it was.
+
+    Args:
+        path: the file to write (its folder is made when missing).
+        write: writes the content to the path it is given.
+        suffix: the temporary file's suffix (writers that pick the format by extension need the real one).
+        fsync: flush the file to disk before the rename (checkpoints: a crash right after must not
+            leave an empty file under the name).
+
+    Returns:
+        ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    scratch = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(scratch, 0o666 & ~umask)  # mkstemp makes 0600 files
+    try:
+        write(scratch)
+        if fsync:
+            with open(scratch, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from segtune.callbacks import _gather, _run_folder
+from segtune.files import write_atomically
 from segtune.metrics import segmentation_metrics
 from segtune.paired import paired_rows
 from segtune.reports import instance_rows
@@ -235,7 +235,4 @@ class UntunedScore(Callback):
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
     """Write ``content`` to a temporary file beside ``path`` and rename it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, lambda scratch: scratch.write_text(json.dumps(content, indent=2)))

@@ -7,7 +7,6 @@ the callbacks pass in the scores :func:`segtune.postprocess.score_instances` com
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+from segtune.files import write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -294,11 +295,8 @@ def save_figure(fig: Figure, path: Path) -> Path:
     """
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(figure_to_array(fig)).save(scratch, format="PNG", compress_level=3)
-    os.replace(scratch, path)
-    return path
+    picture = Image.fromarray(figure_to_array(fig))
+    return write_atomically(path, lambda scratch: picture.save(scratch, format="PNG", compress_level=3))
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

@@ -102,7 +102,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def quickstart(session: nox.Session) -> None:
-    """Fit the quickstart (synthetic data, tiny SAM, LoRA), then test its best checkpoint."""
+    """Fit the quickstart (synthetic data, a tiny random SAM fine-tuned in full), then test its best checkpoint."""
     _install(session)
     session.run("segtune", "fit", "--config", "configs/quickstart.yaml")
     runs = sorted((ROOT / "runs" / "quickstart").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
+from weakref import proxy
 
 import cv2
 import numpy as np
@@ -29,7 +32,6 @@ from segtune.models.adapters import save_pretrained
 from segtune.reports import (
     IMAGE_SCORES,
     coco_results,
-    instance_rows,
     summarise,
     summary_table,
     untuned_summary,
@@ -94,6 +96,40 @@ class BestCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
 
+def save_as_candidate(checkpoint: ModelCheckpoint, trainer: Trainer, score: float, stem: str) -> str | None:
+    """Save the weights in memory as ``<dirpath>/<stem>.ckpt``, one of ``checkpoint``'s best files with ``score``
+    as its monitored value, as if an epoch had scored it: ``best_model_path`` and ``best_model_score`` follow
+    it, and only a strictly better score replaces it (with ``save_top_k: 1`` its file is then removed).
+
+    For a model that exists before any epoch (the untuned model, :mod:`segtune.untuned`), so that "the best
+    checkpoint" (``Best checkpoint ...``, ``ckpt_path=best``, the exported adapter, ``segtune compare``) is
+    never worse than it. Every process calls it (the save is collective).
+
+    Returns:
+        The file's path, or ``None`` when ``checkpoint`` keeps no best files (``save_top_k: 0``, no monitor) or
+        the score is not finite.
+    """
+    keeps_best = bool(checkpoint.save_top_k) and checkpoint.monitor is not None and checkpoint.dirpath is not None
+    if not keeps_best or not math.isfinite(score):
+        return None
+    path = os.path.join(checkpoint.dirpath, f"{stem}{checkpoint.FILE_EXTENSION}")
+    # ModelCheckpoint's own bookkeeping of a new top-k file (_update_best_and_save), without its file name
+    checkpoint.best_k_models[path] = torch.tensor(score)
+    k = len(checkpoint.best_k_models) if checkpoint.save_top_k == -1 else checkpoint.save_top_k
+    if len(checkpoint.best_k_models) == k:  # the k-th best is the one a better score replaces
+        worst = max if checkpoint.mode == "min" else min
+        checkpoint.kth_best_model_path = worst(checkpoint.best_k_models, key=checkpoint.best_k_models.get)
+        checkpoint.kth_value = checkpoint.best_k_models[checkpoint.kth_best_model_path]
+    best = min if checkpoint.mode == "min" else max
+    checkpoint.best_model_path = best(checkpoint.best_k_models, key=checkpoint.best_k_models.get)
+    checkpoint.best_model_score = checkpoint.best_k_models[checkpoint.best_model_path]
+    trainer.save_checkpoint(path, checkpoint.save_weights_only)  # the callbacks' states above are in the file
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:  # as ModelCheckpoint tells them of each file it saves (W&B's log_model)
+            logger.after_save_checkpoint(proxy(checkpoint))
+    return path
+
+
 class ReportBestCheckpoint(Callback):
     """Print the best checkpoint's path and score when ``fit`` ends."""
 
@@ -132,7 +168,7 @@ class ExportBestAdapter(Callback):
         score = float(ckpt.best_model_score)
         if score == self._exported_score:
             return
-        folder = _run_folder(trainer) / "adapter"
+        folder = run_folder(trainer) / "adapter"
         # written beside and renamed: a crash while saving leaves the previous best adapter whole
         with output_folder(folder, overwrite=True) as scratch:
             save_pretrained(model, pl_module.preprocessing, scratch)
@@ -143,7 +179,7 @@ class ExportBestAdapter(Callback):
         log.info("adapter of the best checkpoint (%s=%.4f) written to %s", ckpt.monitor, score, folder)
 
 
-def _run_folder(trainer: Trainer) -> Path:
+def run_folder(trainer: Trainer) -> Path:
     """The run's folder (``runs/<name>/version_N``), or the Trainer's root without a logger.
 
     ``trainer.log_dir`` is a collective call under DDP (it broadcasts from rank 0), so code that
@@ -203,7 +239,7 @@ def _keep(batch: Any, i: int, predicted: Any, scores: Any) -> dict[str, Any]:
     }
 
 
-def _gather(trainer: Trainer, items: list) -> list:
+def gather(trainer: Trainer, items: list) -> list:
     """Every process's ``items`` on every process (a no-op in one process)."""
     if trainer.world_size == 1 or not torch.distributed.is_initialized():
         return items
@@ -227,8 +263,8 @@ class TestReport(Callback):
         untuned: also score the untuned model (the same method and ``model`` rebuilt from its
             pretrained source, untrained: :meth:`~segtune.methods.base.SegmentationModule.untuned`)
             on the same batches, and report it beside the checkpoint, per class, with the paired
-            difference and its 95% bootstrap interval over instances. Doubles the test time and
-            holds a second model in memory. On the command line:
+            difference and its 95% bootstrap interval over instances (volumes: over (case, class)
+            rows). Doubles the test time and holds a second model in memory. On the command line:
             ``--trainer.callbacks+=segtune.callbacks.TestReport --trainer.callbacks.untuned=true``
             (of several TestReports, the last one in the list reports; the others do nothing).
     """
@@ -274,30 +310,18 @@ class TestReport(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active:
+        if not self._active or not isinstance(outputs, dict) or "report_rows" not in outputs:
             return
-        if isinstance(outputs, dict) and "report_rows" in outputs:  # rows made by the step (volumes: per case)
-            self.rows += outputs["report_rows"]
-            self.layout = (tuple(outputs["report_scores"]), outputs["report_unit"])
-            return
-        if not isinstance(outputs, dict) or "scores" not in outputs:
-            return
-        for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
-            classes = batch["category_ids"][i, : len(scores.dice)]
-            self.rows += instance_rows(
-                batch["image_ids"][i], batch["file_names"][i], scores, classes, predicted.scores, pl_module.class_names
-            )
-            if self.picture and self.worst_images and len(scores.dice):
-                self.worst = self._worst([*self.worst, _keep(batch, i, predicted, scores)])
-        if self._untuned_model is not None:
+        # the rows the step made of the scores it computed (images: per instance; volumes: per case and class)
+        self.rows += outputs["report_rows"]
+        self.layout = (tuple(outputs["report_scores"]), outputs["report_unit"])
+        if "scores" in outputs and self.picture and self.worst_images:
+            for i, (predicted, scores) in enumerate(zip(outputs["predictions"], outputs["scores"], strict=True)):
+                if len(scores.dice):
+                    self.worst = self._worst([*self.worst, _keep(batch, i, predicted, scores)])
+        if self._untuned_model is not None:  # the same rows of the untuned model, on the same batch
             with trainer.precision_plugin.test_step_context():
-                _, untuned_predicted, untuned_scores = self._untuned_model.score(batch)
-            for i, (predicted, scores) in enumerate(zip(untuned_predicted, untuned_scores, strict=True)):
-                classes = batch["category_ids"][i, : len(scores.dice)]
-                self.untuned_rows += instance_rows(
-                    batch["image_ids"][i], batch["file_names"][i], scores, classes, predicted.scores,
-                    pl_module.class_names,
-                )  # fmt: skip
+                self.untuned_rows += self._untuned_model.score_rows(batch)
 
     def _worst(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Lowest mean instance Dice (the per-image Dice of the report) first; ties by file name.
@@ -306,18 +330,18 @@ class TestReport(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active:
             return
-        rows = _gather(trainer, self.rows)
-        untuned_rows = _gather(trainer, self.untuned_rows) if self._untuned_model is not None else []
-        worst = self._worst(_gather(trainer, self.worst)) if self.picture else []
+        rows = gather(trainer, self.rows)
+        untuned_rows = gather(trainer, self.untuned_rows) if self._untuned_model is not None else []
+        worst = self._worst(gather(trainer, self.worst)) if self.picture else []
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         if not rows:
             log.warning("test report: no instance was scored, nothing written")
             return
         report = summarise(rows, *self.layout)
-        if self._untuned_model is not None and self.layout[1] == "image":
-            report["untuned"] = untuned_summary(untuned_rows, rows)
-        folder = _run_folder(trainer)
+        if self._untuned_model is not None:
+            report["untuned"] = untuned_summary(untuned_rows, rows, *self.layout)
+        folder = run_folder(trainer)
         json_path, csv_path = write_test_report(report, folder)
         written = f"{json_path}, {csv_path}"
         if self.picture and self.layout[1] == "image":  # its distributions are of instance Dice
@@ -360,7 +384,7 @@ class PredictionWriter(BasePredictionWriter):
             trainer.predict_loop.return_predictions = False
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.folder = _run_folder(trainer) / self.output_dir
+        self.folder = run_folder(trainer) / self.output_dir
         (self.folder / "masks").mkdir(parents=True, exist_ok=True)
         if self.overlays:
             (self.folder / "overlays").mkdir(exist_ok=True)
@@ -393,8 +417,8 @@ class PredictionWriter(BasePredictionWriter):
             self.results += coco_results(batch["image_ids"][i], masks, scores, ids)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        results = _gather(trainer, self.results)
-        volumes = _gather(trainer, self.volumes)
+        results = gather(trainer, self.results)
+        volumes = gather(trainer, self.volumes)
         if volumes and trainer.is_global_zero:
             print(f"Predictions: {len(volumes)} label volumes written to {self.folder / 'volumes'}, montages to "
                   f"{self.folder / 'montages'}")  # fmt: skip
@@ -452,7 +476,7 @@ class ValidationImages(Callback):
         if not self.images or not trainer.is_global_zero:
             return
         figure = validation_grid([_scored_image(trainer, pl_module, im) for im in self.images], self.height)
-        save_figure(figure, _run_folder(trainer) / "val_images" / f"epoch_{trainer.current_epoch:03d}.png")
+        save_figure(figure, run_folder(trainer) / "val_images" / f"epoch_{trainer.current_epoch:03d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 picture = figure_to_array(figure)

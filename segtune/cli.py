@@ -266,7 +266,10 @@ def _show_segtune_logs() -> None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is now (it may be redirected after the handler is made)."""
+    """Writes to whatever ``sys.stderr`` is now (it may be redirected after the handler is made), unless the
+    root logger already prints to the console: segtune's records propagate there too, and a user's
+    ``logging.basicConfig()`` (or a library's root-level log call, which makes one) would otherwise show every
+    line, the fit's "no epoch beat the untuned model" warning among them, twice."""
 
     @property
     def stream(self):  # noqa: D102
@@ -275,3 +278,9 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger().handlers
+        if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout) for h in root):
+            return
+        super().emit(record)

@@ -234,18 +234,22 @@ def run_cell(cell: Cell, base_config: Path, overrides: list[str], untuned_test: 
     if stats.is_file():
         result.update(json.loads(stats.read_text()))
     result["best_val_dice"] = _best(fit_dir / "metrics.csv", "val_dice")
-    result.update(_untuned_scores(fit_dir))
+    result.update(untuned_scores(fit_dir))
     result["best_val_loss"] = _best(fit_dir / "metrics.csv", "val_loss", min)
     (cell.folder / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 
-def _untuned_scores(fit_dir: Path) -> dict[str, Any]:
+def untuned_scores(fit_dir: Path) -> dict[str, Any]:
     """The untuned validation Dice a cell's fit logged, and the best epoch's paired gain over it with its
-    95% bootstrap interval (from the fit's ``untuned.json``)."""
+    95% bootstrap interval (from the fit's ``untuned.json``). When no epoch beat the untuned model, the best
+    checkpoint (the one the cell tests) is the untuned model: ``best_val_dice`` is then its Dice and
+    ``best_is_untuned`` says so."""
     out: dict[str, Any] = {"untuned_val_dice": _best(fit_dir / "metrics.csv", "untuned_val_dice")}
     path = fit_dir / UNTUNED_FILE
     summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("best_checkpoint_is_untuned") and summary.get("monitor") == "val_dice":
+        out.update(best_val_dice=summary.get("untuned"), best_is_untuned=True)
     gain = summary.get("difference", {}).get("overall") if summary.get("monitor") == "val_dice" else None
     if gain:
         out["val_dice_gain"] = gain["mean"]

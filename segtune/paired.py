@@ -96,7 +96,8 @@ def paired_rows(
     """:func:`paired_difference` of one score over per-instance rows, overall and per class.
 
     Rows are :func:`segtune.reports.instance_rows` (``image_id``, ``instance``, ``class`` and the
-    score); the two lists are paired by ``(image_id, instance)``.
+    score), or for volumes :func:`segtune.volume_scoring.case_report_rows` (``image_id`` the case,
+    ``instance`` the class: one row per (case, class)); the two lists are paired by ``(image_id, instance)``.
 
     Returns:
         ``{"overall": ..., "per_class": {name: ...}}``, each a :meth:`PairedDifference.as_dict` or ``None``.

@@ -57,6 +57,14 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
 #: The scores of a 2D report's rows (instances); a volume report's rows (a class of a case) carry
 #: :data:`segtune.volume_scoring.VOLUME_SCORES`.
 IMAGE_SCORES = ("dice", "iou", "box_dice")
+#: The filled-box floors: what the prompt box itself scores, the same for every model, so two models are
+#: never compared on them (nor is the untuned model's copy logged).
+FLOORS = ("box_dice", "box_iou")
+
+
+def compared_scores(scores: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The scores of ``scores`` that depend on the model: all but the filled-box :data:`FLOORS`."""
+    return tuple(s for s in scores if s not in FLOORS)
 
 
 def summarise(
@@ -132,14 +140,25 @@ def summary_table(report: dict[str, Any], worst: int = 3) -> str:
     return "\n".join(lines)
 
 
-def untuned_summary(untuned: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> dict[str, Any]:
-    """The untuned model's overall and per-class means on the same instances as ``tuned``, and the paired
-    difference (checkpoint minus untuned) of Dice and IoU with its 95% bootstrap interval, overall and per class."""
-    report = summarise(untuned)
+def untuned_summary(
+    untuned: list[dict[str, Any]], tuned: list[dict[str, Any]], scores: tuple[str, ...] = IMAGE_SCORES,
+    unit: str = "image",
+) -> dict[str, Any]:  # fmt: skip
+    """The untuned model's overall and per-class means on the same rows as ``tuned``, and the paired difference
+    (checkpoint minus untuned) of each score that depends on the model (:func:`compared_scores`: Dice and IoU
+    for images) with its 95% bootstrap interval, overall and per class.
+
+    Args:
+        untuned: the untuned model's rows (instances, or for volumes (case, class) rows).
+        tuned: the checkpoint's rows, paired with ``untuned`` by ``(image_id, instance)``.
+        scores: the rows' scores, as :func:`summarise` takes them.
+        unit: what a row's ``image_id`` is, as :func:`summarise` takes it.
+    """
+    report = summarise(untuned, scores, unit)
     return {
         "overall": report["overall"],
         "per_class": report["per_class"],
-        "difference": {score: paired_rows(untuned, tuned, score) for score in ("dice", "iou")},
+        "difference": {score: paired_rows(untuned, tuned, score) for score in compared_scores(scores)},
         "per_instance": untuned,
     }
 
@@ -147,7 +166,8 @@ def untuned_summary(untuned: list[dict[str, Any]], tuned: list[dict[str, Any]]) 
 def untuned_table(report: dict[str, Any]) -> str:
     """The untuned model beside the checkpoint: Dice of each, and the paired difference [95% CI]."""
     untuned, difference = report["untuned"], report["untuned"]["difference"]["dice"]
-    lines = [f"{'untuned vs checkpoint':<24} {'instances':>9} {'untuned':>8} {'tuned':>7}  dice difference [95% CI]"]
+    rows_name = "instances" if report.get("unit", "image") == "image" else "rows"  # volumes: (case, class) rows
+    lines = [f"{'untuned vs checkpoint':<24} {rows_name:>9} {'untuned':>8} {'tuned':>7}  dice difference [95% CI]"]
 
     def line(name: str, before: dict[str, Any], after: dict[str, Any], paired: dict[str, Any] | None) -> str:
         a, b = (f"{s['dice']:.4f}" if s.get("dice") is not None else "-" for s in (before, after))

@@ -1,12 +1,13 @@
 """How SAM2-family models propagate through a volume with their video memory (``propagation: memory``).
 
-The alternative to box propagation (:func:`segtune.volume_scoring.propagate_all`) for Sam2,
+The alternative to box propagation (:mod:`segtune.propagation`) for Sam2,
 Sam3Tracker and MedSAM2 (a Sam2 checkpoint): a volume's slices are the frames of a video, each
 object's prompt (its box, or points) is added on its prompted slice, and transformers' video model
 (``Sam2VideoModel`` / ``Sam3TrackerVideoModel``) follows it forward and then backward
 (``propagate_in_video_iterator(..., reverse=True)``) from that slice, every slice conditioned on the
-memories of the slices before it, as SAM2 tracks an object through a video. As in box propagation,
-an object ends in a direction at its first slice whose mask has fewer than ``min_pixels`` pixels,
+memories of the slices before it, as SAM2 tracks an object through a video. With its slice range
+known (``box3d``) an object is followed over that range and nowhere else; without it, as in box
+propagation, it ends in a direction at its first slice whose mask has fewer than ``min_pixels`` pixels,
 and its result does not depend on the other objects (objects that share a prompted slice and prompt
 kind share one session; each group starts from a reset session).
 
@@ -312,10 +313,13 @@ def _point_inputs(prompt: np.ndarray, size: tuple[int, int], reshaped: tuple[int
 
 
 def propagate_memory(
-    module: Any, volume: PreparedVolume, starts: list[int], prompts: list[np.ndarray], min_pixels: int
-) -> list[np.ndarray]:
+    module: Any, volume: PreparedVolume, starts: list[int], prompts: list[np.ndarray], min_pixels: int,
+    ranges: list[tuple[int, int] | None] | None = None,
+) -> list[np.ndarray]:  # fmt: skip
     """Each object's ``(S, H, W)`` bool prediction: prompted with ``prompts[i]`` on slice ``starts[i]`` and
-    followed both ways by the model's video memory until it vanishes (fewer than ``min_pixels`` pixels)."""
+    followed both ways by the model's video memory, inside its slice range ``ranges[i]`` when it is known
+    (``box3d``: every slice of it, none outside), else until it vanishes (fewer than ``min_pixels`` pixels)."""
+    ranges = list(ranges) if ranges is not None else [None] * len(starts)
     shape = tuple(volume.image.shape)
     outs = [np.zeros(shape, bool) for _ in starts]
     if not starts:
@@ -349,6 +353,7 @@ def propagate_memory(
         for i, mask in zip(first.object_ids, masks(first), strict=True):
             if mask.sum() >= min_pixels:
                 outs[i][start] = mask
+            if mask.sum() >= min_pixels or ranges[i] is not None:  # a known range is followed to its ends
                 alive_at_start.add(i)
         for reverse in (False, True):
             alive = set(alive_at_start)
@@ -360,9 +365,12 @@ def propagate_memory(
                 for i, mask in zip(out.object_ids, masks(out), strict=True):
                     if i not in alive:
                         continue
-                    if mask.sum() >= min_pixels:
+                    known = ranges[i]
+                    if known is not None and not known[0] <= out.frame_idx <= known[1]:
+                        alive.discard(i)  # past its known range: nothing is predicted there
+                    elif mask.sum() >= min_pixels:
                         outs[i][out.frame_idx] = mask
-                    else:  # vanished: this object stops in this direction
+                    elif known is None:  # vanished: this object stops in this direction
                         alive.discard(i)
                 if not alive:
                     break

@@ -6,8 +6,10 @@ middle slice; each next slice, in both directions, is prompted with the box of t
 prediction grown by ``box_margin`` pixels, until the prediction vanishes. The objects' predictions
 make one label volume, scored per class against the label volume: volume Dice (the same
 :func:`segtune.postprocess.overlap` that scores 2D instances) and the normalised surface Dice at
-``tolerance_mm`` with the case's spacing (MONAI's ``compute_surface_dice``; MedSAM reports it at
-2 mm). Beside them, ``slice_dice`` is the mean Dice with the ground-truth box on every slice (the
+``tolerance_mm`` with the case's spacing (surface elements weighted by area, as DeepMind's
+``surface-distance`` and MedSAM compute it: MONAI's ``compute_surface_dice`` with ``use_subvoxels``;
+MedSAM reports it at 2 mm).
+Beside them, ``slice_dice`` is the mean Dice with the ground-truth box on every slice (the
 2D protocol on the same slices, so a user sees what propagation loses) and ``box_dice`` its filled-box
 floor.
 
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -36,15 +38,32 @@ from segtune.data.batch import Sample, collate
 from segtune.data.intensity import gray_to_rgb
 from segtune.data.prompts import mask_to_box
 from segtune.data.slices import PreparedVolume, VolumeOptions, slice_instances
-from segtune.postprocess import EmptyTarget, overlap, predictions, score_instances
+from segtune.postprocess import EmptyTarget, best_masks, overlap, predictions, score_instances
 from segtune.preprocessing import Preprocessing, preprocess_image, scale_coords
+from segtune.propagation import (
+    PROTOCOLS,
+    STOP_GRID,
+    Followed,
+    ObjectPrompt,
+    PromptProtocol,
+    PropagationOptions,
+    SliceOutput,
+    SlicePredictor,
+    StopRule,
+    choose_stop,
+    largest_component,
+    loosest,
+    stop_counts,
+)
 
-#: The scores of every volume row, in report order.
-VOLUME_SCORES = ("dice", "nsd", "slice_dice", "box_dice")
-
-#: ``predict(slice_indices, prompts)`` -> one ``[H, W]`` bool mask per prompt; a prompt is an ``[4]`` box
-#: or ``[P, 3]`` points (``x, y, label``) on that slice.
-SlicePredictor = Callable[[Sequence[int], Sequence[np.ndarray]], list[np.ndarray]]
+#: The scores of every volume row, in report order: volume Dice and NSD of the configured protocol; the
+#: ceiling (every slice of the object's range prompted with its own ground-truth box, stacked and scored as
+#: a volume: the most box propagation can reach with this model); the mean per-slice Dice with those boxes
+#: and its filled-box floor; slices predicted outside the class's true slice range, and slices of that
+#: range left empty.
+VOLUME_SCORES = (
+    "dice", "nsd", "ceiling_dice", "ceiling_nsd", "slice_dice", "box_dice", "outside_slices", "empty_slices",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,32 +71,59 @@ class VolumeScoring:
     """How volumes are scored and predicted (``model.init_args.volume_scoring``).
 
     Args:
+        prompt: the 3D prompt protocol (:mod:`segtune.propagation`): ``"box3d"`` (each object's 3D box,
+            its slice range known: MedSAM's 3D inference and the CVPR 2024/2025 challenges; what published
+            numbers use) or ``"box2d"`` (one box on the object's middle slice, the range unknown: propagation
+            stops where ``stop`` says the object ends).
         propagation: how each object is followed from its prompted slice: ``"box"`` (every model: each
             next slice prompted with the previous slice's predicted box) or ``"memory"`` (Sam2,
             Sam3Tracker, MedSAM2: transformers' video model, each slice conditioned on the memories of
-            the slices before it; :mod:`segtune.volume_memory`).
+            the slices before it; :mod:`segtune.volume_memory`), within the same prompts and ranges.
         tolerance_mm: the normalised surface Dice's tolerance in mm (MedSAM: 2).
-        box_margin: pixels each side of the previous slice's predicted box grows by before it
-            prompts the next slice.
-        min_pixels: a prediction with fewer pixels has vanished: propagation stops there.
+        box_margin: pixels, in the model's input frame, each side of the previous slice's predicted box
+            grows by before it prompts the next slice (LiteMedSAM's 3D inference: 3 at 256); never
+            beyond the object's first box, so margins do not compound.
+        stop: ``box2d``: the predicted IoU and the overlap with the previous slice's mask a slice needs
+            to be kept (:class:`segtune.propagation.StopRule`).
+        choose_stop: ``box2d``: choose ``stop`` on the validation volumes at every validation (the best
+            mean volume Dice over :data:`segtune.propagation.STOP_GRID`); the choice is logged
+            (``val_stop_min_score``, ``val_stop_min_overlap``), kept in the checkpoint and used by
+            ``segtune test`` of that checkpoint. Never chosen on the test split.
+        mask_prompt: also give the previous slice's low-resolution mask logits as a mask prompt
+            (micro-sam's ``projection: mask``).
+        largest_component: keep only each object's largest 3D connected component (MedSAM2).
+        min_pixels: a prediction with fewer pixels is empty.
         slice_batch: slices per model call in the per-slice ground-truth-box pass.
         slice_scores: also score every slice with its ground-truth boxes (``slice_dice``,
-            ``box_dice``); one more decoder call per slice with foreground.
+            ``box_dice``, ``ceiling_dice``, ``ceiling_nsd``); one more decoder call per object slice.
         slice_cache_mib: the image encoder's outputs of a case's slices kept while the case is scored,
             in MiB, so that each slice is encoded once for every object, direction and pass (4 MiB a
             slice for SAM, MedSAM and LiteMedSAM; 84 MiB for SAM2); 0 encodes a slice at every call.
     """
 
+    prompt: PromptProtocol = "box3d"
     propagation: Literal["box", "memory"] = "box"
     tolerance_mm: float = 2.0
-    box_margin: int = 3
+    box_margin: float = 3.0
+    stop: StopRule = StopRule()
+    choose_stop: bool = True
+    mask_prompt: bool = False
+    largest_component: bool = False
     min_pixels: int = 1
     slice_batch: int = 8
     slice_scores: bool = True
     slice_cache_mib: int = 2048
 
+    def __post_init__(self) -> None:
+        if self.prompt not in PROTOCOLS:
+            raise ValueError(f"model.init_args.volume_scoring.prompt: {self.prompt!r} is not one of {list(PROTOCOLS)}")
+        if not self.tolerance_mm > 0:
+            raise ValueError(f"model.init_args.volume_scoring.tolerance_mm must be > 0 (got {self.tolerance_mm})")
+        if not self.box_margin >= 0:
+            raise ValueError(f"model.init_args.volume_scoring.box_margin must be >= 0 (got {self.box_margin})")
 
-# --- objects and propagation ---------------------------------------------------------------------------
+
+# --- objects and their prompts ---------------------------------------------------------------------------
 def volume_objects(label: np.ndarray, values: Sequence[int], options: VolumeOptions) -> list[tuple[int, np.ndarray]]:
     """The objects of a ``(S, H, W)`` label volume: ``(class index, bool mask)``, in class order.
 
@@ -100,6 +146,12 @@ def volume_objects(label: np.ndarray, values: Sequence[int], options: VolumeOpti
     return objects
 
 
+def slice_range(mask: np.ndarray) -> tuple[int, int]:
+    """The first and last slice of a ``(S, H, W)`` object."""
+    present = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+    return int(present[0]), int(present[-1])
+
+
 def middle_slice(mask: np.ndarray) -> int:
     """The slice in the middle of a ``(S, H, W)`` object's extent (the nearest with foreground to it)."""
     present = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
@@ -107,77 +159,44 @@ def middle_slice(mask: np.ndarray) -> int:
     return int(present[np.argmin(np.abs(present - middle))])
 
 
-def grow_box(box: np.ndarray, margin: float, size: tuple[int, int]) -> np.ndarray:
-    """``box`` grown by ``margin`` pixels each side, inside an image of ``size`` ``(H, W)``."""
-    grown = box + np.array([-margin, -margin, margin, margin], np.float32)
-    grown[[0, 2]] = np.clip(grown[[0, 2]], 0, size[1])
-    grown[[1, 3]] = np.clip(grown[[1, 3]], 0, size[0])
-    return grown.astype(np.float32)
+def object_prompt(mask: np.ndarray, protocol: PromptProtocol) -> ObjectPrompt:
+    """The prompt the protocol gives a ``(S, H, W)`` ground-truth object: ``box3d`` its 3D box (the in-plane
+    extent over all its slices, on its middle slice, with its slice range), ``box2d`` its box on its middle
+    slice."""
+    k = middle_slice(mask)
+    if protocol == "box3d":
+        return ObjectPrompt(k, mask_to_box(mask.any(axis=0)), slice_range(mask))
+    return ObjectPrompt(k, mask_to_box(mask[k]))
 
 
-def propagate(
-    predict: SlicePredictor, shape: tuple[int, int, int], start: int, prompt: np.ndarray, scoring: VolumeScoring
-) -> np.ndarray:
-    """One object's ``(S, H, W)`` bool prediction, prompted with ``prompt`` on slice ``start`` and followed
-    both ways with the previous slice's predicted box (grown by ``box_margin``) until it vanishes."""
-    return propagate_all(predict, shape, [start], [prompt], scoring)[0]
+def margin_pixels(scoring: VolumeScoring, image_size: int, size: tuple[int, int]) -> float:
+    """``box_margin`` (model input pixels) in pixels of a slice of ``size`` (the longest side is resized
+    to ``image_size``)."""
+    return float(scoring.box_margin) * max(size) / float(image_size)
 
 
-def propagate_all(
-    predict: SlicePredictor, shape: tuple[int, int, int], starts: Sequence[int], prompts: Sequence[np.ndarray],
-    scoring: VolumeScoring,
-) -> list[np.ndarray]:  # fmt: skip
-    """:func:`propagate` for several objects at once: every object and direction advances one slice per
-    model call, so a call carries up to two prompts per object (each object's result is the same as alone)."""
-    outs = [np.zeros(shape, bool) for _ in starts]
-    firsts = predict(list(starts), list(prompts)) if len(starts) else []
-    # (object, next slice, direction, its previous slice's prediction)
-    active = []
-    for i, (k, mask) in enumerate(zip(starts, firsts, strict=True)):
-        if mask.sum() >= scoring.min_pixels:
-            outs[i][k] = mask
-            active += [(i, k + step, step, mask) for step in (1, -1)]
-    size = shape[1:]
-    while active := [a for a in active if 0 <= a[1] < shape[0]]:
-        boxes = [grow_box(mask_to_box(previous), scoring.box_margin, size) for _, _, _, previous in active]
-        masks = predict([k for _, k, _, _ in active], boxes)
-        going = []
-        for (i, k, step, _), mask in zip(active, masks, strict=True):
-            if mask.sum() >= scoring.min_pixels:  # vanished: this object stops in this direction
-                outs[i][k] = mask
-                going.append((i, k + step, step, mask))
-        active = going
-    return outs
+def follow(
+    module: Any, volume: PreparedVolume, predict: SlicePredictor, objects: Sequence[ObjectPrompt],
+    scoring: VolumeScoring, stop: StopRule, follow_rule: StopRule | None = None,
+) -> list[Followed]:  # fmt: skip
+    """Each object followed through ``volume`` by the configured propagation (``box`` with the prompt protocol,
+    or ``memory``), stopped by ``stop`` (``box2d``); ``follow_rule`` (looser) keeps slices past it for
+    choosing a stop rule."""
+    if scoring.propagation == "memory":
+        from segtune.volume_memory import propagate_memory  # transformers' video classes load only when asked for
 
-
-#: ``propagation(module, volume, predict, starts, prompts, scoring)`` -> each object's ``(S, H, W)`` bool
-#: prediction, prompted with ``prompts[i]`` on slice ``starts[i]`` (``predict``: the module's
-#: :data:`SlicePredictor` on that volume).
-Propagation = Callable[
-    [Any, PreparedVolume, SlicePredictor, Sequence[int], Sequence[np.ndarray], VolumeScoring], list[np.ndarray]
-]
-
-
-def box_propagation(
-    module: Any, volume: PreparedVolume, predict: SlicePredictor, starts: Sequence[int], prompts: Sequence[np.ndarray],
-    scoring: VolumeScoring,
-) -> list[np.ndarray]:  # fmt: skip
-    """MedSAM's and micro-sam's protocol, for every model: :func:`propagate_all`."""
-    return propagate_all(predict, tuple(volume.image.shape), starts, prompts, scoring)  # type: ignore[arg-type]
-
-
-def memory_propagation(
-    module: Any, volume: PreparedVolume, predict: SlicePredictor, starts: Sequence[int], prompts: Sequence[np.ndarray],
-    scoring: VolumeScoring,
-) -> list[np.ndarray]:  # fmt: skip
-    """SAM2's video memory, for SAM2-family models: :func:`segtune.volume_memory.propagate_memory`."""
-    from segtune.volume_memory import propagate_memory  # transformers' video classes load only when asked for
-
-    return propagate_memory(module, volume, list(starts), list(prompts), scoring.min_pixels)
-
-
-#: ``VolumeScoring.propagation`` -> how objects are followed through a volume.
-PROPAGATIONS: dict[str, Propagation] = {"box": box_propagation, "memory": memory_propagation}
+        masks = propagate_memory(
+            module, volume, [o.slice for o in objects], [o.prompt for o in objects], scoring.min_pixels,
+            [o.slices for o in objects],
+        )  # fmt: skip
+        return [Followed(largest_component(m) if scoring.largest_component else m) for m in masks]
+    size = tuple(volume.image.shape[1:])
+    options = PropagationOptions(
+        margin=margin_pixels(scoring, module.preprocessing.image_size, size), min_pixels=scoring.min_pixels,
+        mask_prompt=scoring.mask_prompt, largest_component=scoring.largest_component,
+    )  # fmt: skip
+    protocol = PROTOCOLS[scoring.prompt](options, stop, follow_rule)
+    return protocol(predict, tuple(volume.image.shape), objects)  # type: ignore[arg-type]
 
 
 def check_propagation(module: Any) -> None:
@@ -203,19 +222,26 @@ def paint(objects: Sequence[tuple[int, np.ndarray]], values: Sequence[int], shap
 
 # --- scores ---------------------------------------------------------------------------------------
 def surface_dice(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
-    """Normalised surface Dice of two ``(S, H, W)`` bool volumes at ``tolerance_mm`` with ``spacing`` (mm per
-    axis), by MONAI; NaN when both are empty, 0 when only one is."""
+    """Normalised surface Dice of two ``(S, H, W)`` bool volumes at ``tolerance_mm`` with ``spacing`` (mm along
+    ``(S, H, W)``); NaN when both are empty, 0 when only one is.
+
+    The published definition (DeepMind's ``surface-distance``, which MedSAM, its challenges and the Decathlon
+    use): surface elements on the voxel-corner grid, each weighted by its area in mm², by MONAI's
+    ``use_subvoxels=True`` (its default counts boundary voxels: another number, mostly lower).
+    ``tests/test_nsd.py`` checks it against DeepMind's algorithm."""
     from monai.metrics import compute_surface_dice  # monai is imported only where volumes are scored
 
     if not pred.any() and not target.any():
         return float("nan")
     if not pred.any() or not target.any():
         return 0.0
-    with warnings.catch_warnings():  # monai 1.5+ warns about its own internal argument
-        warnings.simplefilter("ignore", FutureWarning)
+    # evaluation runs under the Trainer's autocast (bf16-mixed on CPUs that compute it): MONAI's subvoxel
+    # convolution must run in float32, and a bf16 autocast region refuses it
+    with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
+        warnings.simplefilter("ignore", FutureWarning)  # monai 1.5+ warns about its own internal argument
         score = compute_surface_dice(
             torch.from_numpy(pred)[None, None], torch.from_numpy(target)[None, None], [float(tolerance_mm)],
-            include_background=True, spacing=[float(s) for s in spacing],
+            include_background=True, spacing=[float(s) for s in spacing], use_subvoxels=True,
         )  # fmt: skip
     return float(score.item())
 
@@ -237,15 +263,16 @@ def class_scores(
 
 
 # --- running a module on slices ---------------------------------------------------------------------------
-def slice_predictor(
-    module: Any, volume: PreparedVolume, batch_size: int = 8, cache_mib: int = 0
-) -> Callable[..., list[np.ndarray]]:
-    """``predict(slice_indices, prompts)`` running ``module`` (a :class:`~segtune.methods.base.SegmentationModule`)
-    on slices of ``volume``, ``batch_size`` slices per call; several prompts may share a slice.
+def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, cache_mib: int = 0) -> SlicePredictor:
+    """A :class:`~segtune.propagation.SlicePredictor` running ``module`` (a
+    :class:`~segtune.methods.base.SegmentationModule`) on slices of ``volume``, ``batch_size`` slices per
+    call; several prompts may share a slice.
 
     Propagation prompts a slice once per object and direction, and the ground-truth-box pass once
     more: with ``cache_mib`` the image encoder's output of each slice is kept (up to that many MiB,
     the oldest dropped first) so the encoder, nearly all of a call's cost, runs once per slice.
+    With mask prompts each prompt runs as its own image (SAM's mask prompt is one dense input per
+    image), on the same kept encoder output.
     """
     pre: Preprocessing = module.preprocessing
     pixels: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
@@ -275,25 +302,46 @@ def slice_predictor(
             s["input_labels"] = points[:, :, 2].long()
         return s
 
-    def predict(indices: Sequence[int], prompts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        by_slice: dict[int, list[int]] = {}
-        for i, k in enumerate(indices):
-            by_slice.setdefault(int(k), []).append(i)
-        out: list[np.ndarray | None] = [None] * len(prompts)
-        slices = list(by_slice)
-        for start in range(0, len(slices), batch_size):
-            chunk = slices[start : start + batch_size]
-            kinds = {prompts[by_slice[k][0]].ndim for k in chunk}
+    def predict(
+        indices: Sequence[int], prompts: Sequence[np.ndarray], masks: Sequence[torch.Tensor | None] | None = None
+    ) -> list[SliceOutput]:
+        # the model calls' images: a slice with its prompts, or (mask prompts) one prompt alone
+        groups: list[tuple[int, list[int]]] = []
+        if masks is None:
+            by_slice: dict[int, list[int]] = {}
+            for i, k in enumerate(indices):
+                by_slice.setdefault(int(k), []).append(i)
+            groups = list(by_slice.items())
+        else:
+            groups = [(int(k), [i]) for i, k in enumerate(indices)]
+        out: list[SliceOutput | None] = [None] * len(prompts)
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start : start + batch_size]
+            kinds = {prompts[members[0]].ndim for _, members in chunk}
             assert len(kinds) == 1, "one kind of prompt per call"
-            samples = [sample(k, [prompts[i] for i in by_slice[k]]) for k in chunk]
-            batch = move_data_to_device(collate(samples), module.device)
-            output = kept.forward(chunk, samples, batch)
-            for k, predicted in zip(chunk, predictions(output, batch, pre), strict=True):
-                for j, i in enumerate(by_slice[k]):
-                    out[i] = predicted.masks[j].cpu().numpy()
+            samples = [sample(k, [prompts[i] for i in members]) for k, members in chunk]
+            batch = collate(samples)
+            if masks is not None:
+                batch["input_masks"] = _mask_inputs([masks[members[0]] for _, members in chunk], module)
+            batch = move_data_to_device(batch, module.device)
+            output = kept.forward([k for k, _ in chunk], samples, batch)
+            logits, _ = best_masks(output.pred_masks, output.iou_scores)
+            for row, ((_, members), predicted) in enumerate(zip(chunk, predictions(output, batch, pre), strict=True)):
+                for j, i in enumerate(members):
+                    out[i] = SliceOutput(
+                        predicted.masks[j].cpu().numpy(), float(predicted.scores[j]), logits[row, j].detach().float()
+                    )
         return out  # type: ignore[return-value]
 
     return predict
+
+
+def _mask_inputs(masks: Sequence[torch.Tensor | None], module: Any) -> torch.Tensor:
+    """``[B, 1, s, s]`` mask prompts (SAM's ``input_masks``): the given low-resolution logits, or, for a
+    prompt without one, logits that say "no mask information" (a large negative value, as SAM's own
+    first round passes no mask)."""
+    given = next(m for m in masks if m is not None)
+    return torch.stack([m if m is not None else torch.full_like(given, -20.0) for m in masks])[:, None]
 
 
 class SliceEncodings:
@@ -314,12 +362,13 @@ class SliceEncodings:
         """The module's output for ``batch``, collated from ``samples`` of the slices ``chunk``."""
         if self.budget <= 0 or not hasattr(self.module, "forward_encoded"):  # (a stand-in model: whole calls)
             return self.module(batch)
-        missing = [i for i, k in enumerate(chunk) if k not in self.slices]
+        # each slice not kept yet, once (with mask prompts a slice can stand in a chunk once per prompt)
+        missing = list(dict.fromkeys(k for k in chunk if k not in self.slices))
         fresh: dict[int, list[torch.Tensor]] = {}
         if missing:  # encoded by the module: a method's own embedding cache is asked first
-            sub = move_data_to_device(collate([samples[i] for i in missing]), self.module.device)
+            sub = move_data_to_device(collate([samples[list(chunk).index(k)] for k in missing]), self.module.device)
             levels = self.module.encode(sub)
-            fresh = {chunk[i]: [level[j : j + 1] for level in levels] for j, i in enumerate(missing)}
+            fresh = {k: [level[j : j + 1] for level in levels] for j, k in enumerate(missing)}
         rows = [self.slices[k] if k in self.slices else fresh[k] for k in chunk]
         encoded = [torch.cat([row[level] for row in rows]) for level in range(len(rows[0]))]
         for k, row in fresh.items():
@@ -336,10 +385,14 @@ class SliceEncodings:
 
 
 def score_case(
-    module: Any, item: dict[str, Any], scoring: VolumeScoring, empty_target: EmptyTarget = "exclude"
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Propagate every object of one case and score it: the predicted ``(S, H, W)`` label volume and one
-    row per class (``class_index``, :data:`VOLUME_SCORES`; NaN where a score is left out)."""
+    module: Any, item: dict[str, Any], scoring: VolumeScoring, empty_target: EmptyTarget = "exclude",
+    choosing: bool = False,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+    """Prompt and follow every object of one case by the configured protocol and score it: the predicted
+    ``(S, H, W)`` label volume and one row per class (``class_index``, :data:`VOLUME_SCORES`; NaN where a
+    score is left out). With ``choosing`` (a validation under ``box2d`` with ``choose_stop``) objects are
+    followed as far as the loosest rule of :data:`~segtune.propagation.STOP_GRID` goes, and a row also holds
+    ``stop_counts`` (what each rule would score) and ``target_voxels``, for the choice."""
     volume: PreparedVolume = item["volume"]
     values: list[int] = item["values"]
     options: VolumeOptions = item["options"]
@@ -347,24 +400,85 @@ def score_case(
     assert label is not None
     predict = slice_predictor(module, volume, scoring.slice_batch, scoring.slice_cache_mib)
     found = volume_objects(label, values, options)
-    starts = [middle_slice(mask) for _, mask in found]
-    boxes = [mask_to_box(mask[k]) for (_, mask), k in zip(found, starts, strict=True)]
-    followed = PROPAGATIONS[scoring.propagation](module, volume, predict, starts, boxes, scoring)
-    predicted = paint([(cls, m) for (cls, _), m in zip(found, followed, strict=True)], values, label.shape)
+    prompts = [object_prompt(mask, scoring.prompt) for _, mask in found]
+    stop = stop_rule(module)
+    choosing = choosing and scoring.prompt == "box2d" and scoring.choose_stop and scoring.propagation == "box"
+    followed = follow(
+        module, volume, predict, prompts, scoring, stop, loosest([stop, *STOP_GRID]) if choosing else None
+    )
+    predicted = paint([(cls, f.mask) for (cls, _), f in zip(found, followed, strict=True)], values, label.shape)
     volume_scores = class_scores(predicted, label, values, volume.spacing, scoring.tolerance_mm, empty_target)
-    slice_means = _slice_scores(predict, label, values, options, empty_target) if scoring.slice_scores else {}
+    slice_means, ceiling = (
+        _slice_scores(predict, label, values, options, empty_target) if scoring.slice_scores else ({}, None)
+    )
+    ceiling_scores = (
+        class_scores(ceiling, label, values, volume.spacing, scoring.tolerance_mm, empty_target) if ceiling is not None
+        else {}
+    )  # fmt: skip
     rows = []
     for cls in sorted(set(volume_scores) | set(slice_means)):
         row = {"class_index": cls, **volume_scores.get(cls, {"dice": math.nan, "nsd": math.nan})}
+        ceiling_row = ceiling_scores.get(cls, {"dice": math.nan, "nsd": math.nan})
+        row.update({"ceiling_dice": ceiling_row["dice"], "ceiling_nsd": ceiling_row["nsd"]})
         row.update(slice_means.get(cls, {"slice_dice": math.nan, "box_dice": math.nan}))
+        row.update(range_errors(predicted == values[cls], label == values[cls]))
+        if choosing:
+            target = label == values[cls]
+            counts = [stop_counts(f, target) for (c, _), f in zip(found, followed, strict=True) if c == cls]
+            row["stop_counts"] = {r: tuple(map(sum, zip(*(c[r] for c in counts), strict=True))) for r in STOP_GRID}
+            row["target_voxels"] = float(target.sum())
         rows.append(row)
     return predicted, rows
 
 
+def stop_rule(module: Any) -> StopRule:
+    """The ``box2d`` stop rule in force: the one chosen on the validation split (kept in the checkpoint), else
+    the configured ``volume_scoring.stop``."""
+    chosen = getattr(module, "chosen_stop", None)
+    return chosen if isinstance(chosen, StopRule) else module.volume_scoring.stop
+
+
+class StopChoice:
+    """``box2d``'s stop rule chosen on the validation volumes: the evidence of one validation (each (case,
+    class) row's ``stop_counts``), then the :data:`~segtune.propagation.STOP_GRID` rule with the best mean
+    volume Dice (:func:`~segtune.propagation.choose_stop`)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[StopRule, tuple[float, float]]] = []
+        self.targets: list[float] = []
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Keep the evidence of scored (case, class) rows (those without it are skipped)."""
+        for row in rows:
+            if "stop_counts" in row:
+                self.rows.append(row["stop_counts"])
+                self.targets.append(row["target_voxels"])
+
+    def finish(self) -> StopRule | None:
+        """The chosen rule (``None`` without evidence); the evidence is cleared for the next validation."""
+        chosen = choose_stop(self.rows, self.targets) if self.rows else None
+        self.rows, self.targets = [], []
+        return chosen
+
+
+def range_errors(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Slices of a ``(S, H, W)`` class predicted outside its true slice range (``outside_slices``), and slices of
+    that range left empty (``empty_slices``); NaN when the class is absent from the ground truth."""
+    truth = target.reshape(len(target), -1).any(axis=1)
+    if not truth.any():
+        return {"outside_slices": math.nan, "empty_slices": math.nan}
+    first, last = slice_range(target)
+    predicted = pred.reshape(len(pred), -1).any(axis=1)
+    inside = np.zeros(len(pred), bool)
+    inside[first : last + 1] = True
+    return {"outside_slices": float((predicted & ~inside).sum()), "empty_slices": float((~predicted & inside).sum())}
+
+
 def _slice_scores(
     predict: SlicePredictor, label: np.ndarray, values: list[int], options: VolumeOptions, empty_target: EmptyTarget
-) -> dict[int, dict[str, float]]:
-    """Each class's mean Dice with the ground-truth box on every slice, and its filled-box floor."""
+) -> tuple[dict[int, dict[str, float]], np.ndarray | None]:
+    """Each class's mean Dice with the ground-truth box on every slice and its filled-box floor; and those
+    predictions stacked into a label volume (the ceiling of box propagation)."""
     indices, boxes, targets, classes = [], [], [], []
     for k in np.flatnonzero(np.isin(label, values).reshape(len(label), -1).any(axis=1)):
         masks, found = slice_instances(label[k], values, options)
@@ -374,12 +488,15 @@ def _slice_scores(
             targets.append(mask)
             classes.append(cls)
     if not indices:
-        return {}
-    masks = predict(indices, boxes)
+        return {}, None
+    masks = [o.mask for o in predict(indices, boxes)]
     scores = score_instances(
         torch.from_numpy(np.stack(masks)), torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(boxes)),
         empty_target,
     )  # fmt: skip
+    ceiling = np.zeros(label.shape, np.uint8 if max(values, default=0) < 256 else np.uint16)
+    for k, mask, cls in zip(indices, masks, classes, strict=True):
+        ceiling[k][mask] = values[cls]
     out = {}
     for cls in sorted(set(classes)):
         picked = torch.tensor([c == cls for c in classes])
@@ -387,38 +504,87 @@ def _slice_scores(
             "slice_dice": float(scores.dice[picked].nanmean()),
             "box_dice": float(scores.box_dice[picked].nanmean()),
         }
-    return out
+    return out, ceiling
 
 
 # --- the module's evaluation and prediction steps -------------------------------------------------------
+@dataclass
+class ScoredCase:
+    """One case of an evaluation batch, followed and scored (:func:`score_case`).
+
+    Args:
+        item: the batch's item (``index``, ``volume``, ``values``, ``options``).
+        predicted: the predicted ``(S, H, W)`` label volume.
+        rows: :func:`score_case`'s rows, one per class (``class_index``, :data:`VOLUME_SCORES`, NaN where a
+            score is left out).
+    """
+
+    item: dict[str, Any]
+    predicted: np.ndarray
+    rows: list[dict[str, Any]]
+
+
+def score_cases(module: Any, batch: dict[str, Any], choosing: bool = False) -> list[ScoredCase]:
+    """Every case of an evaluation batch followed and scored by ``module``; nothing logged, no metric or module
+    state changed.
+
+    The one path from a batch of cases to scores: validation and test (:func:`evaluate_volumes`), the untuned
+    model's validation pass and its rows beside the checkpoint in the test report all go through it.
+    ``choosing``: also gather the evidence for ``box2d``'s stop rule (:func:`score_case`).
+    """
+    scoring: VolumeScoring = module.volume_scoring
+    cases = []
+    for item in batch["volumes"]:
+        predicted, rows = score_case(module, item, scoring, module.hparams.empty_target, choosing)
+        cases.append(ScoredCase(item, predicted, rows))
+    return cases
+
+
+def update_case_metrics(metrics: Any, cases: Sequence[ScoredCase], empty: Any = None) -> None:
+    """Add scored cases to a stage's metrics (:func:`segtune.metrics.segmentation_metrics` of
+    :data:`VOLUME_SCORES`) and, when given, its :class:`~segtune.metrics.EmptyPredictions`."""
+    for case in cases:
+        if not case.rows:
+            continue
+        classes = torch.tensor([r["class_index"] for r in case.rows])
+        metrics.update({name: torch.tensor([r[name] for r in case.rows]) for name in VOLUME_SCORES}, classes)
+        if empty is not None:
+            class_values = [case.item["values"][c] for c in classes.tolist()]
+            empty.update(
+                torch.from_numpy(np.stack([case.predicted == v for v in class_values])),
+                torch.from_numpy(np.stack([case.item["volume"].label == v for v in class_values])),
+            )
+
+
+def case_report_rows(cases: Sequence[ScoredCase], class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The report rows of scored cases, one per case and class: ``image_id`` (the case's index), ``file_name``
+    (its name), ``instance`` (the class index), ``class`` and :data:`VOLUME_SCORES` (``None`` where left out),
+    as the test report writes them and :func:`segtune.paired.paired_rows` pairs them."""
+    rows = []
+    for case in cases:
+        volume: PreparedVolume = case.item["volume"]
+        for r in case.rows:
+            rows.append({
+                "image_id": int(case.item["index"]), "file_name": volume.case.name, "instance": int(r["class_index"]),
+                "class": _name(class_names, r["class_index"]),
+                **{name: None if math.isnan(r[name]) else float(r[name]) for name in VOLUME_SCORES},
+            })  # fmt: skip
+    return rows
+
+
 def evaluate_volumes(module: Any, batch: dict[str, Any], stage: str) -> dict[str, Any]:
     """A validation or test step on a batch of cases: propagate, score, update the stage's metrics.
 
     Returns:
         ``report_rows`` (one per case and class, as the test report writes them) and ``report_scores``.
     """
-    metrics, empty = getattr(module, f"{stage}_metrics"), getattr(module, f"{stage}_empty")
-    scoring: VolumeScoring = module.volume_scoring
-    rows = []
-    for item in batch["volumes"]:
-        volume: PreparedVolume = item["volume"]
-        predicted, case_rows = score_case(module, item, scoring, module.hparams.empty_target)
-        if not case_rows:
-            continue
-        classes = torch.tensor([r["class_index"] for r in case_rows])
-        metrics.update({name: torch.tensor([r[name] for r in case_rows]) for name in VOLUME_SCORES}, classes)
-        class_values = [item["values"][c] for c in classes.tolist()]
-        empty.update(
-            torch.from_numpy(np.stack([predicted == v for v in class_values])),
-            torch.from_numpy(np.stack([volume.label == v for v in class_values])),
-        )
-        for r in case_rows:
-            rows.append({
-                "image_id": item["index"], "file_name": volume.case.name, "instance": r["class_index"],
-                "class": _name(module.class_names, r["class_index"]),
-                **{name: None if math.isnan(r[name]) else r[name] for name in VOLUME_SCORES},
-            })  # fmt: skip
-    return {"report_rows": rows, "report_scores": VOLUME_SCORES, "report_unit": "case"}
+    cases = score_cases(module, batch, choosing=stage == "val" and hasattr(module, "stop_choice"))
+    if stage == "val" and hasattr(module, "stop_choice"):  # box2d: evidence for the stop rule
+        for case in cases:
+            module.stop_choice.add(case.rows)
+    update_case_metrics(getattr(module, f"{stage}_metrics"), cases, getattr(module, f"{stage}_empty"))
+    return {"report_rows": case_report_rows(cases, module.class_names), "report_scores": VOLUME_SCORES,
+            "report_unit": "case"}  # fmt: skip
 
 
 def _name(names: Sequence[str], index: int) -> str:
@@ -435,10 +601,11 @@ class VolumePrediction:
 
 
 def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction]:
-    """``segtune predict`` on cases with given prompts: each prompt propagated from its slice."""
+    """``segtune predict`` on cases with given prompts: each object followed from its prompted slice, by
+    ``box3d`` inside its slice range when its prompt gives one (``"slices": [first, last]``), else by
+    ``box2d`` with the stop rule in force."""
     out = []
     scoring: VolumeScoring = module.volume_scoring
-    propagation = PROPAGATIONS[scoring.propagation]
     for item in batch["volumes"]:
         volume: PreparedVolume = item["volume"]
         predict = slice_predictor(module, volume, scoring.slice_batch, scoring.slice_cache_mib)
@@ -450,14 +617,16 @@ def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction
                     f"{volume.case.image}: prompt on slice {prompt['slice']}, but the volume has {shape[0]} slices "
                     f"along {volume.axis_name} (data.init_args.volumes.axis)"
                 )
-        # boxes first, then points: one kind of prompt per model call
-        ordered = sorted(item["prompts"], key=lambda p: p["box"] is None)
         objects = []
-        for kind in (True, False):
-            group = [p for p in ordered if (p["box"] is not None) == kind]
-            given = [np.asarray(p["box"] if kind else p["points"], np.float32) for p in group]
-            followed = propagation(module, volume, predict, [p["slice"] for p in group], given, scoring)
-            objects += [(values.index(p["label"]), m) for p, m in zip(group, followed, strict=True)]
+        for protocol in ("box3d", "box2d"):
+            group = [p for p in item["prompts"] if (p.get("slices") is not None) == (protocol == "box3d")]
+            given = [
+                ObjectPrompt(p["slice"], np.asarray(p["box"] if p["box"] is not None else p["points"], np.float32),
+                             tuple(p["slices"]) if p.get("slices") is not None else None)
+                for p in group
+            ]  # fmt: skip
+            followed = follow(module, volume, predict, given, replace(scoring, prompt=protocol), stop_rule(module))
+            objects += [(values.index(p["label"]), f.mask) for p, f in zip(group, followed, strict=True)]
         painted = paint(objects, values, shape)
         out.append(VolumePrediction(volume, volume.to_original(painted), painted))
     return out

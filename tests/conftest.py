@@ -40,8 +40,9 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def quickstart_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The best checkpoint of a one-epoch LoRA quickstart fit (``configs/quickstart_lora.yaml``: sam-tiny) on
-    ``shapes_root``."""
+    """The last checkpoint of a one-epoch LoRA quickstart fit (``configs/quickstart_lora.yaml``: sam-tiny) on
+    ``shapes_root``: trained weights (its best checkpoint may be the untuned model, which one epoch of a
+    random model need not beat)."""
     import os
 
     from segtune.cli import main
@@ -54,7 +55,7 @@ def quickstart_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFa
               "--trainer.max_epochs", "1"])  # fmt: skip
     finally:
         os.chdir(old)
-    return next((cwd / "runs/quickstart_lora/version_0/checkpoints").glob("best-*.ckpt"))
+    return cwd / "runs/quickstart_lora/version_0/checkpoints/last.ckpt"
 
 
 @pytest.fixture(scope="session")

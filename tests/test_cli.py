@@ -173,3 +173,26 @@ def test_the_segtune_command_freezes_the_garbage_collector_as_it_exits(monkeypat
     import tomllib
 
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"] == {"segtune": "segtune.cli:run"}
+
+
+def test_segtune_lines_print_once_when_the_root_logger_prints_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's ``logging.basicConfig()`` gives the root logger a console handler; segtune's records reach it
+    by propagation, so segtune's own handler stays quiet then (the issue's warning was printed twice)."""
+    import logging
+    import sys
+
+    from segtune.cli import _StderrHandler
+
+    handler = _StderrHandler()
+    logger = logging.getLogger("segtune.test_once")
+    logger.addHandler(handler)
+    root = logging.StreamHandler(sys.stderr)
+    try:
+        logger.warning("alone")
+        logging.getLogger().addHandler(root)
+        logger.warning("with a root console handler")
+    finally:
+        logging.getLogger().removeHandler(root)
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.count("alone") == 1 and err.count("with a root console handler") == 1

@@ -154,3 +154,18 @@ def test_filters_pick_cells_and_unknown_arguments_fail_once_before_any_cell(
     assert _compare(*shipped, "--dry-run", "--model.init_args.r", "4") == 1
     err = capsys.readouterr().err
     assert "method full" in err and "Option 'r' is not accepted" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cell_whose_best_checkpoint_is_the_untuned_model_reports_its_dice(tmp_path: Path) -> None:
+    """No epoch beat the untuned model: the cell tests the untuned weights, so its best_val_dice is theirs."""
+    import json
+
+    from segtune.compare import untuned_scores
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,untuned_val_dice,val_dice\n0,0,0.5,\n0,9,,0.3\n1,19,,0.4\n")
+    summary = {"monitor": "val_dice", "untuned": 0.5, "best": 0.4, "best_checkpoint_is_untuned": True}
+    (tmp_path / "untuned.json").write_text(json.dumps(summary))
+    scores = untuned_scores(tmp_path)
+    assert scores["best_val_dice"] == 0.5 and scores["best_is_untuned"] is True
+    (tmp_path / "untuned.json").write_text(json.dumps({**summary, "best": 0.6, "best_checkpoint_is_untuned": False}))
+    assert "best_val_dice" not in untuned_scores(tmp_path)  # an epoch's checkpoint: the logged best stays

@@ -58,7 +58,7 @@ def test_resume_from_a_damaged_last_ckpt_changes_nothing(
     err = _last_error(capsys)
     damaged = Path("runs/quickstart_lora/version_0/checkpoints/last.ckpt")
     assert err.startswith(f"segtune: error: {damaged}: not a readable")
-    assert "Nothing was changed" in err and "best-epoch00" in err  # what else it can resume from
+    assert "Nothing was changed" in err and "best-" in err  # what else it can resume from
     assert _snapshot(tmp_path / "runs") == before  # every file as it was, no new version folder
 
 

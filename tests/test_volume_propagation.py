@@ -17,8 +17,9 @@ from segtune.models.convert import VIDEO_MEMORY_FILE, convert_command, load_nati
 from segtune.models.loading import load_model
 from segtune.models.tiny import sam3tracker_tiny
 from segtune.preprocessing import STANDARD_MEAN, STANDARD_STD, Preprocessing
+from segtune.propagation import ObjectPrompt
 from segtune.volume_memory import build_video_model, check_memory_support, propagate_memory, video_config, video_model
-from segtune.volume_scoring import PROPAGATIONS, VolumeScoring, predict_volumes
+from segtune.volume_scoring import VolumeScoring, follow, predict_volumes
 from tests.conftest import CONFIGS
 from tests.test_convert import native_sam2, needs_sam2, randomise
 from tests.test_volumes import datamodule, decathlon, phantom, write_case
@@ -81,10 +82,21 @@ def test_memory_propagation_stops_where_the_object_vanishes(monkeypatch) -> None
     module = sam2_module()
     frames = record_frames(video_model(module), monkeypatch)
     foreground_for(3, monkeypatch)  # the prompted slice and the next two, then nothing
-    (out,) = PROPAGATIONS["memory"](module, volume(), None, [4], [np.array([5, 5, 30, 30], np.float32)], MEMORY)
-    assert np.flatnonzero(out.reshape(9, -1).any(1)).tolist() == [4, 5, 6]
+    box = np.array([5, 5, 30, 30], np.float32)
+    (out,) = follow(module, volume(), None, [ObjectPrompt(4, box)], MEMORY, MEMORY.stop)
+    assert np.flatnonzero(out.mask.reshape(9, -1).any(1)).tolist() == [4, 5, 6]
     # forward: one slice past the end; backward: the slice before the prompt is empty too
     assert frames == [(4, False), (4, False), (5, False), (6, False), (7, False), (4, True), (3, True)]
+
+
+def test_memory_propagation_keeps_inside_a_known_range(monkeypatch) -> None:
+    module = sam2_module()
+    frames = record_frames(video_model(module), monkeypatch)
+    foreground_for(10**6, monkeypatch)  # a model that never lets go: the range alone bounds it
+    box = np.array([5, 5, 30, 30], np.float32)
+    (out,) = follow(module, volume(), None, [ObjectPrompt(4, box, (3, 6))], MEMORY, MEMORY.stop)
+    assert np.flatnonzero(out.mask.reshape(9, -1).any(1)).tolist() == [3, 4, 5, 6]
+    assert max(k for k, _ in frames) <= 7 and min(k for k, _ in frames) >= 2  # one frame past each end at most
 
 
 def test_predict_follows_the_given_prompt_by_memory(tmp_path: Path, monkeypatch) -> None:

@@ -305,3 +305,29 @@ def test_scoring_encodes_each_slice_once_with_the_same_scores(tmp_path: Path) ->
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6, nan_ok=True), key
+    # every protocol and option: each slice encoded once per case, whatever it prompts
+    variants = [
+        VolumeScoring(prompt="box2d", slice_cache_mib=64),
+        VolumeScoring(mask_prompt=True, slice_cache_mib=64),
+        VolumeScoring(prompt="box2d", mask_prompt=True, largest_component=True, slice_cache_mib=64),
+    ]
+    for scoring in variants:
+        passes = encoder_passes(lambda scoring=scoring: score_case(module, item, scoring))
+        assert slices_with_labels <= passes <= len(item["volume"].label), (scoring, passes)
+
+
+def encoder_passes(run) -> int:
+    """Images the SAM image encoder saw while ``run()`` ran (no gradient)."""
+    seen = [0]
+
+    def hook(m, args, kwargs, output) -> None:
+        if type(m).__name__ == "SamVisionEncoder":
+            seen[0] += len(args[0] if args else kwargs["pixel_values"])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen[0]

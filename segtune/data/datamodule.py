@@ -54,7 +54,10 @@ class SegmentationDataModule(LightningDataModule):
       the shape labels are the classes), in one folder per split or directly in ``root``.
     - ``"volumes"``: 3D volumes (:mod:`segtune.data.volumes`): a Decathlon / nnU-Net folder
       (``imagesTr/``, ``labelsTr/``, ``dataset.json``), image and label folders of NIfTI, NRRD or
-      MetaImage files, or MedSAM2 npz files. Training samples are slices (:mod:`segtune.data.slices`);
+      MetaImage files, images and labels side by side in one folder (``<case>_image.nrrd`` +
+      ``<case>_label.nrrd``, LiTS' ``volume-<n>.nii`` + ``segmentation-<n>.nii``), one folder per case
+      (KiTS' ``case_00000/imaging.nii.gz`` + ``segmentation.nii.gz``, BraTS with ``modality``) or
+      MedSAM2 npz files. Training samples are slices (:mod:`segtune.data.slices`);
       validation and test score whole volumes (:mod:`segtune.volume_scoring`).
 
     Args:
@@ -78,7 +81,11 @@ class SegmentationDataModule(LightningDataModule):
             a mask's file stem, is the key they pair by (``'^(\\d+)_'`` pairs ``21_training.tif``
             with ``21_manual1.gif``). None: the whole stem, case-insensitive, a mask's stem also
             without a common ending (``_mask``, ``_seg``, ``_segmentation``, ``_label``, ``_gt``,
-            ``_annotation``).
+            ``_annotation``). Volumes (image and label folders, and images and labels side by side in one
+            folder): the same, its group the case name; in one folder the file whose name outside the group
+            holds a label word (``label``, ``seg``, ``segmentation``, ``mask``, ``gt``, ...) is the label
+            (``'^(\\d+)_'`` pairs ``001_t2.nrrd`` with ``001_gt.nrrd``). None: a flat folder's names are
+            recognised (``<case>_image`` + ``<case>_label``, ``volume-<n>`` + ``segmentation-<n>``, ...).
         mask_format: masks layout: how mask files encode instances.
         split_fractions: train, validation and test fractions when one folder or json is split by
             file (a seeded shuffle of the sorted file names, so the split never changes).
@@ -100,6 +107,9 @@ class SegmentationDataModule(LightningDataModule):
             normalised volumes kept (the most recent one always is).
         volumes: volumes layout: the slice axis, the instance rule and how many slices without
             foreground train (:class:`segtune.data.slices.VolumeOptions`).
+        modality: volumes layout, a case with several images (BraTS' ``<case>_flair.nii.gz``,
+            ``_t1``, ``_t1ce``, ``_t2`` beside ``<case>_seg.nii.gz``): the one to read, by the last word of
+            its name (``flair``). None: a case must have one image.
         prompts: how instances become prompts.
         augmentations: albumentations transforms for training, applied to image and masks together.
         preprocessing: the model's input geometry and normalisation; the CLI links it from the model.
@@ -134,6 +144,7 @@ class SegmentationDataModule(LightningDataModule):
         preprocessing: Preprocessing | None = None,
         seed: int = 0,
         volumes: VolumeOptions = DEFAULT_VOLUMES,
+        modality: str | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -168,6 +179,7 @@ class SegmentationDataModule(LightningDataModule):
         self.preprocessing = preprocessing
         self.seed = seed
         self.volumes = volumes
+        self.modality = modality
         self._volume_source: VolumeSource | None = None
         self.datasets: dict[str, InstanceDataset] = {}
         self._class_names: list[str] | None = None
@@ -200,7 +212,7 @@ class SegmentationDataModule(LightningDataModule):
         """The volumes layout's reader (cases per split, classes, datasets)."""
         if self._volume_source is None:
             splits = list(dict.fromkeys(self.splits.values()))
-            found = volume_layout_of(self.root, splits, self.image_dir, self.mask_dir)
+            found = volume_layout_of(self.root, splits, self.image_dir, self.mask_dir, self.pair_key, self.modality)
             self._volume_source = VolumeSource(
                 self.root, found, self.splits, self.volumes, self.categories, self._take_split
             )

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
+import cv2
 import numpy as np
+import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
@@ -36,15 +38,20 @@ from segtune.data.volumes import (
     Geometry,
     VolumeCase,
     VolumeLayout,
+    case_folders,
     case_name,
     dataset_json_labels,
     find_volume_layout,
+    flat_cases,
+    flat_naming,
+    folder_cases,
+    holds_flat_volumes,
     npz_cases,
     pair_cases,
+    predict_cases,
     read_volume,
-    volume_files,
 )
-from segtune.preprocessing import Preprocessing
+from segtune.preprocessing import Preprocessing, masks_to_low_res, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +75,35 @@ class VolumeOptions:
         empty_slices: the fraction of slices without foreground that train too (a seeded choice per
             case). Each is prompted with the boxes of the nearest slice's objects and has an empty
             target, as a propagated box is once its object has ended.
+        propagation_prompts: trains for box propagation (:mod:`segtune.volume_scoring`): the chance
+            that a training sample of a slice with objects is prompted as a propagated slice is, with
+            the (jittered) boxes of the objects of a neighbouring slice, drawn anew each time among the
+            slices at most ``propagation_offset`` away that have objects; its targets are this slice's
+            masks of the same objects, empty for one that has ended here. When above 0, the slices
+            without foreground up to ``propagation_offset`` past an object's first or last slice train
+            too (unless ``empty_slices`` picked them), always prompted so: with empty targets the
+            model learns to stop. Objects follow ``instances``; under ``components`` they are the
+            26-connected components of the volume, as scoring follows them (a component's pieces on a
+            slice are one prompt). 0 trains every slice with its own boxes only.
+        propagation_offset: the farthest slice a propagated prompt comes from (1: the adjacent slice,
+            as scoring propagates; 2 also learns from a box two slices away).
     """
 
     axis: Literal["auto", "x", "y", "z"] = "auto"
     instances: Literal["semantic", "components"] = "semantic"
     min_area: int = 4
     empty_slices: float = 0.0
+    propagation_prompts: float = 0.0
+    propagation_offset: int = 2
 
     def __post_init__(self) -> None:
-        if not 0 <= self.empty_slices <= 1:
+        for key in ("empty_slices", "propagation_prompts"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                raise ValueError(f"data.init_args.volumes.{key} must be a fraction in [0, 1], got {value}")
+        if self.propagation_offset < 1:
             raise ValueError(
-                f"data.init_args.volumes.empty_slices must be a fraction in [0, 1], got {self.empty_slices}"
+                f"data.init_args.volumes.propagation_offset must be 1 or more (slices), got {self.propagation_offset}"
             )
 
     def slice_axis(self, geometry: Geometry) -> int:
@@ -181,6 +206,50 @@ def slice_instances(
     return split_instances(regions, options.instances, options.min_area)
 
 
+def _pieces(region: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The 8-connected pieces of a ``[H, W]`` bool region: their label image and ``(label, first pixel)``
+    of each, the first pixel (flat, in raster order) naming the piece from one call to the next."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+    width = region.shape[1]
+    # a piece's first pixel lies on its top row: one row searched, not the image sorted
+    tops = stats[:, cv2.CC_STAT_TOP]
+    return labels, [(c, int(tops[c]) * width + int(np.argmax(labels[tops[c]] == c))) for c in range(1, count)]
+
+
+def volume_components(label: np.ndarray, values: Sequence[int], min_area: int) -> list[dict[int, int]]:
+    """Which object each slice's pieces belong to under ``instances: components``, as scoring follows them.
+
+    The objects are the 26-connected components of each label value of at least ``min_area`` voxels
+    (those of :func:`segtune.volume_scoring.volume_objects`), numbered from 1 across the classes. A
+    class's 8-connected piece on a slice lies inside one of them; it is kept by its first pixel, so a
+    case costs a few numbers per slice instead of a volume of component labels.
+
+    Returns:
+        per slice of the ``(S, H, W)`` label volume, first pixel of a piece -> its object (pieces of
+        components under ``min_area`` are left out).
+    """
+    named: list[dict[int, int]] = [{} for _ in range(len(label))]
+    count = 0
+    for value in values:
+        region = label == value
+        if not region.any():
+            continue
+        # SimpleITK, fully connected (26 in 3D), as volume_objects: the same objects scoring prompts
+        parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), True))
+        sizes = np.bincount(parts.ravel())
+        kept = np.flatnonzero(sizes >= min_area)
+        kept = kept[kept > 0]
+        number = np.zeros(len(sizes), np.int64)
+        number[kept] = count + 1 + np.arange(len(kept))
+        count += len(kept)
+        for s in np.flatnonzero(region.reshape(len(region), -1).any(axis=1)):
+            for _, first in _pieces(region[s])[1]:
+                obj = int(number[parts[s].flat[first]])
+                if obj:
+                    named[s][first] = obj
+    return named
+
+
 @dataclass
 class SliceRecord(ImageRecord):
     """One slice of a case as an image record.
@@ -193,6 +262,11 @@ class SliceRecord(ImageRecord):
         options: the slicing options (instance rule).
         prompt_from: for a slice without foreground, the slice whose objects give its prompts (its
             targets are empty, :class:`SliceDataset`); None otherwise.
+        sources: the slices a propagated prompt of this slice may come from (``propagation_prompts``):
+            those at most ``propagation_offset`` away with objects; empty: never prompted so.
+        past_end: a slice without foreground just past objects: always prompted from ``sources``.
+        components: under ``instances: components`` with propagation, the case's
+            :func:`volume_components` (shared by its slices), which tell objects apart across slices.
     """
 
     store: VolumeStore | None = None
@@ -202,6 +276,9 @@ class SliceRecord(ImageRecord):
     options: VolumeOptions = field(default_factory=VolumeOptions)
     prompt_from: int | None = None
     axis_name: str = "z"
+    sources: tuple[int, ...] = ()
+    past_end: bool = False
+    components: list[dict[int, int]] | None = None
 
     @property
     def has_instances(self) -> bool:
@@ -224,21 +301,100 @@ class SliceRecord(ImageRecord):
         at = self.index if self.prompt_from is None else self.prompt_from
         return slice_instances(label[at], self.values, self.options)  # type: ignore[index]
 
+    def objects(self, at: int) -> dict[int, tuple[np.ndarray, int]]:
+        """The objects on slice ``at`` as propagation follows them, by an identity that holds across the
+        case's slices: the class index (``instances: semantic``) or the volume component (``components``,
+        its pieces on the slice as one mask) -> ``([H, W]`` bool mask, class index)."""
+        label = self.store.get(self.case).label[at]  # type: ignore[union-attr,index]
+        found: dict[int, tuple[np.ndarray, int]] = {}
+        for cls, value in enumerate(self.values):
+            region = label == value
+            if not region.any():
+                continue
+            if self.options.instances == "semantic":
+                found[cls] = (region, cls)
+                continue
+            assert self.components is not None, "components are worked out when propagation_prompts is set"
+            labels, pieces = _pieces(region)
+            for piece, first in pieces:
+                obj = self.components[at].get(first)
+                if obj is not None:  # None: a piece of a component under min_area
+                    mask = labels == piece
+                    found[obj] = (found[obj][0] | mask, cls) if obj in found else (mask, cls)
+        return found
+
 
 class SliceDataset(InstanceDataset):
     """The training slices: an :class:`InstanceDataset` whose slices without foreground keep the prompts
-    of their nearest foreground slice with empty targets (the model learns to stop there)."""
+    of their nearest foreground slice with empty targets (the model learns to stop there), and whose
+    slices are prompted from a neighbouring slice as often as ``VolumeOptions.propagation_prompts`` says
+    (:meth:`propagated`)."""
 
     def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        sources = getattr(record, "sources", ())
+        if self.train and sources:  # only with propagation_prompts: otherwise no draw, the samples of before
+            rng = self._rng(record)
+            if record.past_end or rng.random() < record.options.propagation_prompts:
+                return self.propagated(index, int(rng.choice(sources)), rng)
         sample = super().__getitem__(index)
-        if getattr(self.records[index], "prompt_from", None) is not None:
+        if getattr(record, "prompt_from", None) is not None:
             sample["masks"] = torch.zeros_like(sample["masks"])
             sample["low_res_masks"] = torch.zeros_like(sample["low_res_masks"])
         return sample
 
+    def propagated(self, index: int, source: int, rng: np.random.Generator) -> Sample:
+        """Slice ``index`` prompted as box propagation prompts it: with the objects of slice ``source``.
+
+        Each object on ``source`` is one prompt, made from its mask there as any prompt is (its box
+        jittered, points when the prompt kind has them); its target is its mask on this slice, empty
+        where it has ended (a real target: ``prompt_valid`` is True, the loss pushes the mask to
+        nothing). ``boxes`` are the prompts' boxes before jitter, as for ``empty_slices``.
+        """
+        record: SliceRecord = self.records[index]  # type: ignore[assignment]
+        given = record.objects(source)
+        here = record.objects(record.index)
+        prompts = [mask for mask, _ in given.values()]
+        classes = [cls for _, cls in given.values()]
+        targets = [here[key][0] if key in here else np.zeros_like(mask) for key, (mask, _) in given.items()]
+        if self.augment is None:
+            image, size = self._resized(index, record)
+        else:
+            image, prompts, targets, classes = self._augment_pairs(index, record, prompts, targets, classes, rng)
+            size = (int(image.shape[0]), int(image.shape[1]))
+            image = resize_image(image, self.pre)
+        keep = list(range(len(prompts)))
+        if len(keep) > self.prompts.max_instances:
+            keep = sorted(rng.choice(keep, self.prompts.max_instances, replace=False).tolist())
+        sample = self.make_sample(image, [prompts[i] for i in keep], [classes[i] for i in keep], record, rng, size=size)
+        target = torch.from_numpy(np.stack([targets[i] for i in keep])) if keep else torch.zeros(0, *size).bool()
+        sample["masks"] = target
+        sample["low_res_masks"] = masks_to_low_res(target, self.pre, sample["reshaped_size"])
+        return sample
+
+    def _augment_pairs(
+        self, index: int, record: SliceRecord, prompts: list[np.ndarray], targets: list[np.ndarray],
+        classes: list[int], rng: np.random.Generator,
+    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[int]]:  # fmt: skip
+        """The training transforms on the image, the prompts' masks and their targets together; an object
+        whose prompt mask they move out of the image is dropped (its target may be empty anyway)."""
+        image = self._image(index, record)
+        n = len(prompts)
+        if not n:
+            return image, prompts, targets, classes
+        # the masks go through _augment tagged by their position: it drops those that end empty
+        out, masks, tags = self._augment(image, prompts + targets, list(range(2 * n)), rng)
+        moved = dict(zip(tags, masks, strict=True))
+        kept = [i for i in range(n) if i in moved]
+        if not kept:  # every prompt moved out but a target stayed: train this one unaugmented
+            return self._image(index, record), prompts, targets, classes
+        blank = np.zeros(out.shape[:2], bool)
+        return out, [moved[i] for i in kept], [moved.get(n + i, blank) for i in kept], [classes[i] for i in kept]
+
 
 def _slice_records(store: VolumeStore, values: list[int], options: VolumeOptions, seed: int) -> list[SliceRecord]:
-    """Every slice with foreground of every case, and the ``empty_slices`` fraction of those without."""
+    """Every slice with foreground of every case, the ``empty_slices`` fraction of those without and, with
+    ``propagation_prompts``, those without within ``propagation_offset`` of an object (past its ends)."""
     records: list[SliceRecord] = []
     for case in range(len(store)):
         volume = store.get(case)
@@ -254,14 +410,37 @@ def _slice_records(store: VolumeStore, values: list[int], options: VolumeOptions
             for s in sorted(picked.tolist()):
                 prompt_from[s] = int(foreground[np.argmin(np.abs(foreground - s))])
             chosen += list(prompt_from)
+        sources: dict[int, tuple[int, ...]] = {}
+        components = None
+        if options.propagation_prompts:
+            if options.instances == "components":
+                components = volume_components(volume.label, values, options.min_area)
+                with_objects = np.array([bool(named) for named in components])
+            else:
+                with_objects = present
+            sources = _neighbours(with_objects, options.propagation_offset)
+            # an empty_slices pick keeps its rule (the nearest foreground slice's boxes, empty targets)
+            chosen += [s for s in sources if not present[s] and s not in prompt_from]
         height, width = volume.image.shape[1:3]  # known, so a slice the model holds needs no decoding
         for s in sorted(int(s) for s in chosen):
             records.append(
                 SliceRecord(len(records), volume.case.image, height=int(height), width=int(width), store=store,
                             case=case, index=s, values=values, options=options, prompt_from=prompt_from.get(s),
-                            axis_name=volume.axis_name)
+                            axis_name=volume.axis_name, sources=() if s in prompt_from else sources.get(s, ()),
+                            past_end=bool(not present[s] and s not in prompt_from), components=components)
             )  # fmt: skip
     return records
+
+
+def _neighbours(with_objects: np.ndarray, offset: int) -> dict[int, tuple[int, ...]]:
+    """Slice -> the other slices at most ``offset`` away that have objects, for each slice that has some."""
+    found: dict[int, tuple[int, ...]] = {}
+    for s in range(len(with_objects)):
+        near = [t for t in range(max(0, s - offset), min(len(with_objects), s + offset + 1)) if t != s]
+        near = [t for t in near if with_objects[t]]
+        if near:
+            found[s] = tuple(near)
+    return found
 
 
 class Cases:
@@ -320,6 +499,9 @@ def read_volume_prompts(path: Path, class_values: list[int]) -> dict[str, list[d
     """A predict prompts json for volumes: ``{"<case file or name>": [{"slice": k, "box": [x0, y0, x1, y1],
     "label": v}, ...]}``, one entry per object, on one slice each (along the slice axis; ``label`` is the
     label value written, default the first class's); ``"points": [[x, y, 1], ...]`` may replace ``"box"``.
+    ``"slices": [first, last]`` gives the object's slice range (``box3d``: its box is then the in-plane extent
+    over the range, and nothing is predicted outside it); without it the object is followed until the model
+    says it ends (``box2d``).
 
     Raises:
         ValueError: naming the file and the entry when an entry is malformed.
@@ -339,8 +521,9 @@ def read_volume_prompts(path: Path, class_values: list[int]) -> dict[str, list[d
                 label = int(entry.get("label", class_values[0] if class_values else 1))
                 box = [float(v) for v in entry["box"]] if "box" in entry else None
                 points = [[float(v) for v in p] for p in entry["points"]] if "points" in entry else None
+                span = [int(v) for v in entry["slices"]] if entry.get("slices") is not None else None
             except (KeyError, TypeError, ValueError, AttributeError):
-                box = points = None
+                box = points = span = None
             if (box is None or len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]) and not (
                 points and all(len(p) == 3 for p in points)
             ):
@@ -348,7 +531,12 @@ def read_volume_prompts(path: Path, class_values: list[int]) -> dict[str, list[d
                     f"{path}: entry {name!r}: {entry!r} is not "
                     '{"slice": k, "box": [x0, y0, x1, y1], "label": v} (or "points": [[x, y, 1], ...])'
                 )
-            parsed.append({"slice": k, "box": box, "points": points, "label": label})
+            if span is not None and (len(span) != 2 or not span[0] <= k <= span[1]):
+                raise ValueError(
+                    f'{path}: entry {name!r}: {entry!r}: "slices" is the object\'s [first, last] slice and holds '
+                    'its prompted "slice"'
+                )
+            parsed.append({"slice": k, "box": box, "points": points, "label": label, "slices": span})
         key = case_name(Path(name)).lower()
         out[key] = parsed
     return out
@@ -387,15 +575,31 @@ class VolumeSource:
                 return pair_cases(root / "imagesTs", root / "labelsTs")
             return self.take_split(pair_cases(root / "imagesTr", root / "labelsTr"), stage)
         folder = root / self.splits[stage]
-        per_split = folder.is_dir() and (
-            (folder / self.layout.image_dir).is_dir() if kind == "folders" else any(folder.glob("*.npz"))
-        )
-        base = folder if per_split else root
-        if kind == "folders":
-            cases = pair_cases(base / self.layout.image_dir, base / self.layout.label_dir)
-        else:
-            cases = npz_cases(base)
+        per_split = folder.is_dir() and self._holds_cases(folder)
+        cases = self._folder_cases(folder if per_split else root)
         return cases if per_split else self.take_split(cases, stage)
+
+    def _holds_cases(self, folder: Path) -> bool:
+        """Whether the split folder ``folder`` holds its own cases in the layout's form."""
+        kind = self.layout.kind
+        if kind == "folders":
+            return (folder / self.layout.image_dir).is_dir()
+        if kind == "flat":
+            return holds_flat_volumes(folder)
+        if kind == "cases":
+            return bool(case_folders(folder))
+        return any(folder.glob("*.npz"))
+
+    def _folder_cases(self, base: Path) -> list[VolumeCase]:
+        """The labelled cases of ``base`` (``root`` or a split folder) in the layout's form."""
+        layout = self.layout
+        if layout.kind == "folders":
+            return pair_cases(base / layout.image_dir, base / layout.label_dir, pair_key=layout.pair_key)
+        if layout.kind == "flat":  # each folder's own naming, unless pair_key is configured
+            return flat_cases(base, flat_naming(base, layout.pair_key)[0], layout.modality)
+        if layout.kind == "cases":
+            return folder_cases(base, layout.modality)
+        return npz_cases(base)
 
     # --- classes -------------------------------------------------------------------------------
     def labels(self) -> dict[int, str]:
@@ -431,11 +635,12 @@ class VolumeSource:
                     f"{self.root}: predicting volumes needs data.init_args.predict_images (a folder of volumes) and "
                     "predict_prompts (a json of one box per object on one slice)"
                 )
-            cases = [VolumeCase(case_name(p), p) for p in volume_files(predict_images)]
+            cases = predict_cases(predict_images, self.layout.pair_key, self.layout.modality)
             if not cases:
                 raise ValueError(f"{predict_images}: no volume files for data.predict_images")
             store = VolumeStore(cases, self.options, intensity, None, cache_mib)
-            return VolumeCaseDataset(store, values, read_volume_prompts(predict_prompts, values))
+            prompts = prompts_by_case(cases, read_volume_prompts(predict_prompts, values), predict_prompts)
+            return VolumeCaseDataset(store, values, prompts)
         cases = self.cases(stage)
         if not cases:
             raise ValueError(f"{self.root}: split {self.splits[stage]!r} has no case")
@@ -455,12 +660,58 @@ class VolumeSource:
         return SliceDataset(records, pre, prompts, True, augment, seed, intensity, values, cache_images=0)
 
 
-def volume_layout_of(root: Path, splits: list[str], image_dir: str, mask_dir: str) -> VolumeLayout:
-    """The volume layout of ``root`` (``layout: volumes`` configured), or one line saying what was looked for."""
+def prompts_by_case(cases: list[VolumeCase], prompts: dict[str, list[dict]], path: Path) -> dict[str, list[dict]]:
+    """Each case's predict prompts by its case name (lower case): the entry of its case name, or of its image
+    file's name where that is one case's (``a_image.nrrd`` for case ``a``; not ``imaging.nii.gz``, every KiTS
+    case's). Entries that name no case are logged.
+    """
+    stems = Counter(case_name(c.image).lower() for c in cases)
+    out: dict[str, list[dict]] = {}
+    for case in cases:
+        stem = case_name(case.image).lower()
+        names = [case.name.lower()] + ([stem] if stems[stem] == 1 else [])
+        found = next((name for name in names if name in prompts), None)
+        if found is not None:
+            out[case.name.lower()] = prompts[found]
+    used = {name for case in cases for name in (case.name.lower(), case_name(case.image).lower())}
+    unused = [name for name in prompts if name not in used]
+    if unused:
+        log.warning("%s: %d entries name no case of data.predict_images and are not used (e.g. %s)",
+                    path, len(unused), unused[0])  # fmt: skip
+    return out
+
+
+def volume_layout_of(
+    root: Path, splits: list[str], image_dir: str, mask_dir: str, pair_key: str | None = None,
+    modality: str | None = None,
+) -> VolumeLayout:  # fmt: skip
+    """The volume layout of ``root`` (``layout: volumes`` configured), or one line saying what was looked for.
+
+    Args:
+        root: the dataset folder.
+        splits: the configured split folder names.
+        image_dir: the configured image folder name.
+        mask_dir: the configured mask folder name.
+        pair_key: ``data.init_args.pair_key``: image and label folders and flat folders pair by it; a flat
+            folder without it by the one of :data:`segtune.data.volumes.FLAT_NAMINGS` its names follow.
+        modality: ``data.init_args.modality``: which image a case with several reads (flat and case folders).
+
+    Raises:
+        ValueError: one line naming the folder: no layout, or a flat folder whose names pair in no or several ways.
+    """
     found = find_volume_layout(root, splits, image_dir, mask_dir)
     if found is None:
         raise ValueError(
             f"{root}: no volume layout recognised; looked for imagesTr/ (Decathlon, nnU-Net), {image_dir}/ with "
-            f"{mask_dir}/ or labels/ of volume files here or in split folders, and MedSAM2 .npz files"
+            f"{mask_dir}/ or labels/ of volume files, image and label volumes side by side (<case>_image + "
+            "<case>_label, volume-<n> + segmentation-<n>, <case> + <case>_seg), one folder per case (imaging + "
+            "segmentation, <case>_<modality> + <case>_seg), here or in split folders, and MedSAM2 .npz files"
         )
-    return found
+    if found.kind == "flat":  # the first folder's naming, logged (and a folder whose names pair not stops here)
+        folder = next(f for f in (root, *(root / s for s in splits)) if holds_flat_volumes(f))
+        log.info("%s: image and label volumes paired %s", folder, flat_naming(folder, pair_key)[1])
+    used_by = {"pair_key": (pair_key, ("folders", "flat")), "modality": (modality, ("flat", "cases"))}
+    for option, (value, kinds) in used_by.items():
+        if value is not None and found.kind not in kinds:
+            log.warning("%s: data.init_args.%s is not used by the %s volume layout", root, option, found.kind)
+    return replace(found, pair_key=pair_key if found.kind in ("folders", "flat") else None, modality=modality)

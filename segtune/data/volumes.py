@@ -16,20 +16,37 @@ Layouts (``root`` is the dataset folder; :func:`find_volume_layout` tells which)
   mask folder) of volume files, in ``root`` or in one folder per split.
 - ``npz``: MedSAM2 npz files (``imgs``, ``gts``, ``spacing`` and optional ``origin``, ``direction``),
   in ``root`` or in one folder per split.
+- ``flat``: images and labels side by side in one folder (``root`` or one per split), their names
+  the case's with an image or a label word: ``<case>_image.nrrd`` + ``<case>_label.nrrd``,
+  ``volume-<n>.nii`` + ``segmentation-<n>.nii`` (LiTS), ``<case>.nii.gz`` + ``<case>_seg.nii.gz``.
+- ``cases``: one folder per case (in ``root`` or in one folder per split) holding its image and its
+  label: ``case_00000/imaging.nii.gz`` + ``segmentation.nii.gz`` (KiTS),
+  ``<case>/<case>_flair.nii.gz`` ... + ``<case>_seg.nii.gz`` (BraTS; ``modality`` picks the image).
+
+Naming, one concept for every layout that pairs by name (``pair_key``, as for 2D masks): a regular
+expression whose first group, searched in a file's stem, is the case name. In one folder the file
+whose name outside that group holds a label word (:data:`LABEL_WORDS`) is the label, the others are
+images; when a case has several images (modalities), the last word outside the group names each.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
+
+from segtune.data.masks import MASK_SUFFIXES, compile_pair_key
+
+log = logging.getLogger(__name__)
 
 #: File endings read as volumes (compared case-insensitively).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz")
@@ -101,16 +118,21 @@ class VolumeLayout:
     """A recognised volume layout.
 
     Args:
-        kind: ``"decathlon"``, ``"folders"`` or ``"npz"`` (module docstring).
+        kind: ``"decathlon"``, ``"folders"``, ``"npz"``, ``"flat"`` or ``"cases"`` (module docstring).
         found: what was found, for the log.
         image_dir: folders: the image folder's name.
         label_dir: folders: the label folder's name.
+        pair_key: folders, flat: the configured regular expression whose first group is the case name;
+            None: folders pair by file name, each flat folder by the naming it follows (:func:`flat_naming`).
+        modality: flat, cases: which image a case with several reads (the last word of its name).
     """
 
-    kind: Literal["decathlon", "folders", "npz"]
+    kind: Literal["decathlon", "folders", "npz", "flat", "cases"]
     found: str
     image_dir: str = "images"
     label_dir: str = "labels"
+    pair_key: str | None = None
+    modality: str | None = None
 
 
 def is_volume_file(path: Path) -> bool:
@@ -177,11 +199,34 @@ def find_volume_layout(root: Path, splits: list[str], image_dir: str = "images",
         return VolumeLayout("npz", "MedSAM2 npz files (split by case)")
     if any(any((root / s).glob("*.npz")) for s in dict.fromkeys(splits) if (root / s).is_dir()):
         return VolumeLayout("npz", "MedSAM2 npz files in split folders")
+    # split folders before case folders: a split folder of images and labels is no case
+    where = _where(root, splits, holds_flat_volumes)
+    if where:
+        return VolumeLayout("flat", f"image and label volumes side by side {where}")
+    where = _where(root, splits, holds_case_folders)
+    if where:
+        return VolumeLayout("cases", f"one folder per case holding its image and label volumes {where}")
     return None
 
 
-def pair_cases(image_dir: Path, label_dir: Path | None, require_labels: bool = True) -> list[VolumeCase]:
+def _where(root: Path, splits: list[str], holds: Callable[[Path], bool]) -> str | None:
+    """Where ``holds`` is true, for the log: ``root`` (split by case) or the first split folder; None: nowhere."""
+    if holds(root):
+        return "(split by case)"
+    return next((f"in {split}/" for split in dict.fromkeys(splits) if holds(root / split)), None)
+
+
+def pair_cases(
+    image_dir: Path, label_dir: Path | None, require_labels: bool = True, pair_key: str | None = None
+) -> list[VolumeCase]:
     """Pair the volumes of ``image_dir`` with the label files of ``label_dir`` by case name.
+
+    Args:
+        image_dir: the image folder.
+        label_dir: the label folder; None: unlabelled cases.
+        require_labels: whether an image without a label stops.
+        pair_key: a regular expression whose first group, searched in both file stems, is the case name
+            (``'^(.+)_'`` pairs ``a_image.nrrd`` with ``a_label.nrrd``); None: the file name.
 
     Raises:
         ValueError: one line naming the file, for an image without a label (when ``require_labels``),
@@ -190,7 +235,12 @@ def pair_cases(image_dir: Path, label_dir: Path | None, require_labels: bool = T
     images = volume_files(image_dir)
     if not images:
         raise ValueError(f"{image_dir}: no volume files ({', '.join(VOLUME_SUFFIXES)})")
-    labels = {case_name(p).lower(): p for p in volume_files(label_dir)} if label_dir is not None else {}
+    key = compile_pair_key(pair_key)
+    labels = {}
+    for path in volume_files(label_dir) if label_dir is not None else []:
+        name = _key_name(path, key)
+        if name is not None:
+            labels[name.lower()] = path
     cases = []
     for path in images:
         channel = _CHANNEL.search(volume_stem(path))
@@ -199,12 +249,22 @@ def pair_cases(image_dir: Path, label_dir: Path | None, require_labels: bool = T
                 f"{path}: image channel {channel.group(1)}: segtune reads single-channel volumes (channel 0000 only); "
                 "move the other channels out of the folder"
             )
-        name = case_name(path)
-        label = labels.get(name.lower())
+        name = _key_name(path, key)
+        label = labels.get(name.lower()) if name is not None else None
         if label is None and require_labels:
-            raise ValueError(f"{path}: no label volume named {name} in {label_dir}")
-        cases.append(VolumeCase(name, path, label))
+            rule = f"matching data.init_args.pair_key {pair_key!r}" if key else f"named {name}"
+            hint = "" if key else "; data.init_args.pair_key pairs names that differ"
+            raise ValueError(f"{path}: no label volume {rule} in {label_dir}{hint}")
+        cases.append(VolumeCase(name or case_name(path), path, label))
     return cases
+
+
+def _key_name(path: Path, key: re.Pattern | None) -> str | None:
+    """The case name of a file of an image or label folder: ``key``'s, else the file's (nnU-Net channel stripped)."""
+    if key is None:
+        return case_name(path)
+    named = name_by_key(path, key)
+    return named.case if named is not None else None
 
 
 def npz_cases(folder: Path) -> list[VolumeCase]:
@@ -213,6 +273,292 @@ def npz_cases(folder: Path) -> list[VolumeCase]:
     if not files:
         raise ValueError(f"{folder}: no .npz files")
     return [VolumeCase(p.stem, p, p) for p in files]
+
+
+# --- naming: which file of a case is its image, which its label ---------------------------------------
+#: Words that make a file its case's label (the 2D masks' endings): ``<case>_seg``, ``segmentation-<n>``.
+LABEL_WORDS = MASK_SUFFIXES
+#: Words that make a file its case's image in a flat folder: ``<case>_image``, ``volume-<n>``, ``<case>_ct``.
+IMAGE_WORDS = ("image", "images", "img", "imaging", "volume", "vol", "scan", "ct", "mr", "mri")
+_SEPARATOR = r"[_\-. ]"
+_WORDS = "|".join(IMAGE_WORDS + LABEL_WORDS)
+#: The ``pair_key`` s tried on a flat folder, by what they read (for the log), all case-insensitive.
+FLAT_NAMINGS = {
+    "<case>_image + <case>_label": rf"(?i)^(.+){_SEPARATOR}(?:{_WORDS})$",
+    "volume-<case> + segmentation-<case>": rf"(?i)^(?:{_WORDS})(?:{_SEPARATOR}|(?=\d))(.+)$",
+    "<case> + <case>_seg": rf"(?i)^(.+?)(?:{_SEPARATOR}(?:{'|'.join(LABEL_WORDS)}))?$",
+}
+
+
+@dataclass(frozen=True)
+class NamedFile:
+    """A volume file read by its name: the case it belongs to and the rest of its name.
+
+    Args:
+        path: the file.
+        case: the case name as the file writes it.
+        rest: the name outside the case name (``_label``, ``segmentation-``, ``_flair``, ``imaging``).
+    """
+
+    path: Path
+    case: str
+    rest: str
+
+    @property
+    def words(self) -> list[str]:
+        """The words of :attr:`rest`, lower case."""
+        return [w for w in re.split(r"[^0-9a-z]+", self.rest.lower()) if w]
+
+    @property
+    def is_label(self) -> bool:
+        """Whether a label word (:data:`LABEL_WORDS`) is among the words outside the case name."""
+        return any(w in LABEL_WORDS for w in self.words)
+
+    @property
+    def modality(self) -> str:
+        """The last word outside the case name (``flair``, ``t1ce``, ``imaging``); ``""`` when there is none."""
+        return self.words[-1] if self.words else ""
+
+
+def name_by_key(path: Path, key: re.Pattern) -> NamedFile | None:
+    """``path`` named by a ``pair_key``: its first group (the whole match without one) is the case; None: no match."""
+    stem = volume_stem(path)
+    found = key.search(stem)
+    group = 1 if key.groups else 0
+    if found is None or not found.group(group):
+        return None
+    # a space between the two sides keeps a word before the case apart from one after it
+    return NamedFile(path, found.group(group), f"{stem[: found.start(group)]} {stem[found.end(group) :]}")
+
+
+def _name_in_folder(path: Path, folder: str) -> NamedFile:
+    """A file of the case folder ``folder``: its name without a leading case name is the rest."""
+    stem = volume_stem(path)
+    rest = stem[len(folder) :] if stem.lower().startswith(folder.lower()) else stem
+    return NamedFile(path, folder, rest)
+
+
+def _one_case(files: list[NamedFile], modality: str | None, where: str, name: str | None = None) -> VolumeCase:
+    """The case of ``files`` (one case's): its one label, if any, and its image (``modality``'s of several).
+
+    Raises:
+        ValueError: one line starting with ``where``: two labels, no image, or several images and no
+            ``modality`` (listing them), or none or several of ``modality``.
+    """
+    labels = [f for f in files if f.is_label]
+    images = [f for f in files if not f.is_label]
+    if len(labels) > 1:
+        raise ValueError(
+            f"{where}: two label files ({labels[0].path.name}, {labels[1].path.name}); one label volume per case: "
+            "move the other out (or, side by side, set data.init_args.pair_key so that each names its own case)"
+        )
+    if not images:
+        raise ValueError(f"{labels[0].path}: a label volume whose case has no image volume beside it")
+    image = images[0] if len(images) == 1 and modality is None else _modality_image(images, modality, where)
+    return VolumeCase(name or image.case, image.path, labels[0].path if labels else None)
+
+
+def _modality_image(images: list[NamedFile], modality: str | None, where: str) -> NamedFile:
+    """The image of ``modality`` among a case's ``images``, each named by its last word."""
+    held = ", ".join(f.modality or f.path.name for f in images)
+    if modality is None:
+        raise ValueError(f"{where}: images of several modalities ({held}); set data.init_args.modality to one of them")
+    chosen = [f for f in images if f.modality == modality.lower()]
+    if len(chosen) != 1:
+        how = "no image" if not chosen else "several images"
+        raise ValueError(
+            f"{where}: {how} of data.init_args.modality {modality!r} (its images: {held}); set it to one of them"
+        )
+    return chosen[0]
+
+
+def _labelled(cases: list[VolumeCase], folder: Path, labelled: bool) -> list[VolumeCase]:
+    """``labelled``: the cases with a label (those without logged, none at all refused); else all, unlabelled."""
+    if not labelled:
+        return [VolumeCase(c.name, c.image) for c in cases]
+    kept = [c for c in cases if c.label is not None]
+    if not kept:
+        example = cases[0].image.name if cases else "none"
+        raise ValueError(
+            f"{folder}: no case has a label volume (e.g. {example}); a label's name holds one of the words "
+            f"{', '.join(LABEL_WORDS)} (or set data.init_args.pair_key)"
+        )
+    if len(kept) < len(cases):
+        missing = next(c for c in cases if c.label is None)
+        log.warning("%s: %d of %d cases have no label volume and are left out (e.g. %s)",
+                    folder, len(cases) - len(kept), len(cases), missing.image)  # fmt: skip
+    return kept
+
+
+def _flat_files(folder: Path) -> list[Path]:
+    return [p for p in volume_files(folder) if p.suffix.lower() != ".npz"] if folder.is_dir() else []
+
+
+def holds_flat_volumes(folder: Path) -> bool:
+    """Whether ``folder`` holds volume files itself (npz aside: MedSAM2's layout)."""
+    # the name first: a stat per file would cost a large 2D image folder that layout: auto looks into
+    return folder.is_dir() and any(
+        is_volume_file(p) and p.suffix.lower() != ".npz" and not p.name.startswith(".") and p.is_file()
+        for p in folder.iterdir()
+    )
+
+
+def _misfit(files: list[Path], key: re.Pattern) -> str | None:
+    """Why ``key`` does not pair the files of a flat folder (``""``: it names not every file, or pairs none),
+    or None when it names each and gives each label one case with an image."""
+    named = [name_by_key(p, key) for p in files]
+    if any(n is None for n in named):
+        return ""
+    labels: dict[str, list[str]] = {}
+    images: set[str] = set()
+    for n in named:
+        assert n is not None
+        if n.is_label:
+            labels.setdefault(n.case.lower(), []).append(n.path.name)
+        else:
+            images.add(n.case.lower())
+    if not set(labels) & images:  # not one pair: not this naming
+        return ""
+    for case, names in labels.items():
+        if len(names) > 1:
+            return f"two label files of one case ({', '.join(names[:2])})"
+        if case not in images:
+            return f"a label with no image ({names[0]})"
+    return None
+
+
+def flat_naming(folder: Path, pair_key: str | None = None) -> tuple[str, str]:
+    """The ``pair_key`` a flat folder's names follow, and how it pairs them (for the log).
+
+    Args:
+        folder: the folder of image and label volumes side by side.
+        pair_key: the configured one (returned as it is); None: the one of :data:`FLAT_NAMINGS` that fits.
+
+    Raises:
+        ValueError: one line naming the folder, when none or several of :data:`FLAT_NAMINGS` fit.
+    """
+    if pair_key is not None:
+        return pair_key, f"by data.init_args.pair_key {pair_key!r}"
+    files = _flat_files(folder)
+    misfits = {what: _misfit(files, re.compile(key)) for what, key in FLAT_NAMINGS.items()}
+    fits = [what for what, why in misfits.items() if why is None]
+    option = "set data.init_args.pair_key: a regular expression whose first group is the case name"
+    near = next(((what, why) for what, why in misfits.items() if why), None)
+    if not fits and near:  # the names read as one naming but for a file or two
+        raise ValueError(f"{folder}: the volume files read as {near[0]} but for {near[1]}; move it out or {option}")
+    if not fits:
+        examples = ", ".join(p.name for p in files[:3])
+        raise ValueError(
+            f"{folder}: {len(files)} volume files side by side whose names pair no image with a label (e.g. "
+            f"{examples}); looked for {', '.join(FLAT_NAMINGS)} (label words: {', '.join(LABEL_WORDS)}); {option}"
+        )
+    if len(fits) > 1:
+        raise ValueError(f"{folder}: the volume file names pair in more than one way ({' or '.join(fits)}); {option}")
+    return FLAT_NAMINGS[fits[0]], f"as {fits[0]} (data.init_args.pair_key sets another)"
+
+
+def flat_cases(folder: Path, pair_key: str, modality: str | None = None, labelled: bool = True) -> list[VolumeCase]:
+    """The cases of a folder of image and label volumes side by side, named by ``pair_key``.
+
+    Args:
+        folder: the folder.
+        pair_key: a regular expression whose first group is the case name (:func:`flat_naming`).
+        modality: which image a case with several reads (the last word of its name outside the case).
+        labelled: True: the cases with a label (those without are logged and left out); False: every
+            case, without its label (predict).
+
+    Raises:
+        ValueError: one line naming the folder or file: no volume, no name matching ``pair_key``, two
+            labels of a case, a label without an image, several images and no (or no matching) ``modality``.
+    """
+    files = _flat_files(folder)
+    if not files:
+        raise ValueError(f"{folder}: no volume files ({', '.join(VOLUME_SUFFIXES)})")
+    key = compile_pair_key(pair_key)
+    assert key is not None
+    by_case: dict[str, list[NamedFile]] = {}
+    unmatched = []
+    for path in files:
+        named = name_by_key(path, key)
+        if named is None:
+            unmatched.append(path)
+        else:
+            by_case.setdefault(named.case.lower(), []).append(named)
+    if unmatched and not by_case:
+        raise ValueError(f"{folder}: no volume file name matches pair_key {pair_key!r} (e.g. {unmatched[0].name})")
+    if unmatched:
+        log.warning("%s: %d volume files do not match pair_key %r and are left out (e.g. %s)",
+                    folder, len(unmatched), pair_key, unmatched[0].name)  # fmt: skip
+    cases = [_one_case(named, modality, f"{folder}: case {named[0].case}") for named in by_case.values()]
+    return _labelled(cases, folder, labelled)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` (hidden ones skipped), sorted by name; none when it is no folder."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def case_folders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that hold volume files (hidden ones skipped), sorted by name."""
+    return [p for p in _subfolders(folder) if holds_flat_volumes(p)]
+
+
+def holds_case_folders(folder: Path) -> bool:
+    """Whether a subfolder of ``folder`` holds one case: one label volume and an image beside it."""
+    for sub in _subfolders(folder):
+        if holds_flat_volumes(sub):
+            named = [_name_in_folder(p, sub.name) for p in _flat_files(sub)]
+            if sum(n.is_label for n in named) == 1 and len(named) > 1:
+                return True
+    return False
+
+
+def folder_cases(folder: Path, modality: str | None = None, labelled: bool = True) -> list[VolumeCase]:
+    """The cases of a folder of case folders, each named by its folder (KiTS' ``case_00000/imaging.nii.gz`` +
+    ``segmentation.nii.gz``, BraTS' ``<case>/<case>_flair.nii.gz`` ... + ``<case>_seg.nii.gz``).
+
+    Args:
+        folder: the folder of case folders.
+        modality: which image a case with several reads: the last word of its name after the case
+            name (``flair``, ``t1``, ``t1ce``, ``t2``).
+        labelled: as for :func:`flat_cases`.
+
+    Raises:
+        ValueError: one line naming the case folder: two labels, a label without an image, several
+            images and no (or no matching) ``modality``; or naming ``folder`` when it holds no case.
+    """
+    subfolders = case_folders(folder)
+    if not subfolders:
+        raise ValueError(f"{folder}: no case folder (a folder per case holding its image and label volumes)")
+    cases = [
+        _one_case([_name_in_folder(p, sub.name) for p in _flat_files(sub)], modality, str(sub), sub.name)
+        for sub in subfolders
+    ]
+    return _labelled(cases, folder, labelled)
+
+
+def predict_cases(folder: Path, pair_key: str | None = None, modality: str | None = None) -> list[VolumeCase]:
+    """The cases of a predict folder, unlabelled: case folders (their images), volumes named by ``pair_key``
+    (or by a fitting :data:`FLAT_NAMINGS`; labels left out), else every volume file by its name.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: as :func:`flat_cases` and :func:`folder_cases`.
+    """
+    files = volume_files(folder)
+    if not files and case_folders(folder):
+        return folder_cases(folder, modality, labelled=False)
+    flat = _flat_files(folder)
+    if pair_key is None and flat:
+        try:
+            pair_key = flat_naming(folder)[0]
+        except ValueError:  # no image and label pair: the names are the cases'
+            pair_key = None
+    if pair_key is not None and flat and len(flat) == len(files):
+        key = compile_pair_key(pair_key)
+        if all(name_by_key(p, key) is not None for p in flat):  # type: ignore[arg-type]
+            return flat_cases(folder, pair_key, modality, labelled=False)
+    return [VolumeCase(case_name(p), p) for p in files]
 
 
 def dataset_json_labels(path: Path) -> dict[int, str] | None:

@@ -10,12 +10,14 @@ import logging
 import math
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics import MetricCollection
 from transformers import PreTrainedModel
 
 from segtune.amg import AutoMaskConfig, AutoMaskGenerator
@@ -33,7 +35,19 @@ from segtune.models.packing import PackedPrompts
 from segtune.models.sanitise import Sanitiser
 from segtune.postprocess import EmptyTarget, ImagePrediction, InstanceScores, predictions, score_batch
 from segtune.preprocessing import Preprocessing
-from segtune.volume_scoring import VOLUME_SCORES, VolumeScoring, check_propagation, evaluate_volumes, predict_volumes
+from segtune.propagation import StopRule
+from segtune.reports import IMAGE_SCORES, instance_rows
+from segtune.volume_scoring import (
+    VOLUME_SCORES,
+    StopChoice,
+    VolumeScoring,
+    case_report_rows,
+    check_propagation,
+    evaluate_volumes,
+    predict_volumes,
+    score_cases,
+    update_case_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +130,17 @@ class SegmentationModule(LightningModule):
         self.save_hyperparameters(ignore=["amg", "volume_scoring"])
         self.amg = amg
         self.volume_scoring = volume_scoring
+        self.stop_choice = StopChoice()
+        self.chosen_stop: StopRule | None = None  # box2d: chosen at each validation, kept in checkpoints
         self.automatic_masks = False
         self.model_name = model
         self.loss = SamLoss(mask_loss, mask_weight, dice_weight, iou_weight)
         self.model: nn.Module | None = None
         self.preprocessing: Preprocessing | None = None
         self.class_names: list[str] = []
+        # what an evaluation scores: per instance for images; volumes per case and class (set in setup)
+        self.evaluation_scores: tuple[str, ...] = SCORES
+        self.evaluation_unit = "image"
         self._collapse_warned = False
         self._collapsed_before = False  # the previous validation epoch predicted nothing either
         if self.trainable_only_checkpoint:
@@ -171,9 +190,11 @@ class SegmentationModule(LightningModule):
         self.automatic_masks = stage == "predict" and bool(getattr(datamodule, "automatic_masks", False))
         self.intensity = getattr(datamodule, "intensity", None) or IntensityPolicy()
         # volumes are scored per case and class (segtune.volume_scoring), images per instance
-        scores = VOLUME_SCORES if getattr(datamodule, "volumetric", False) else SCORES
-        self.val_metrics = segmentation_metrics(self.class_names, "val_", scores)
-        self.test_metrics = segmentation_metrics(self.class_names, "test_", scores)
+        volumetric = bool(getattr(datamodule, "volumetric", False))
+        self.evaluation_scores = VOLUME_SCORES if volumetric else SCORES
+        self.evaluation_unit = "case" if volumetric else "image"
+        self.val_metrics = self.evaluation_metrics("val_")
+        self.test_metrics = self.evaluation_metrics("test_")
         self.val_empty = EmptyPredictions()
         self.test_empty = EmptyPredictions()
 
@@ -243,6 +264,47 @@ class SegmentationModule(LightningModule):
         predicted = predictions(out, batch, self.preprocessing)
         return out, predicted, score_batch(predicted, batch, self.hparams.empty_target)
 
+    def evaluation_metrics(self, prefix: str) -> MetricCollection:
+        """The metrics of one evaluation (``val_``, ``test_``, or the untuned model's ``untuned_val_``): each of
+        :attr:`evaluation_scores`, overall and per class, on this module's device."""
+        return segmentation_metrics(self.class_names, prefix, self.evaluation_scores).to(self.device)
+
+    def score_rows(self, batch: Batch, metrics: MetricCollection | None = None) -> list[dict[str, Any]]:
+        """The report rows of an evaluation batch, and the same scores added to ``metrics`` when given; nothing
+        logged, none of this module's own metrics or state touched.
+
+        One row per instance (:func:`~segtune.reports.instance_rows`) or, for volumes, per case and class
+        (:func:`~segtune.volume_scoring.case_report_rows`), by the paths validation and test take
+        (:meth:`score`, :func:`~segtune.volume_scoring.score_cases`): the untuned model's validation pass
+        (:mod:`segtune.untuned`) and its rows beside the checkpoint in the test report are made of them.
+
+        Args:
+            batch: an evaluation batch (images, or cases: ``"volumes"``).
+            metrics: :meth:`evaluation_metrics` to accumulate into.
+        """
+        if "volumes" in batch:
+            cases = score_cases(self, batch)
+            if metrics is not None:
+                update_case_metrics(metrics, cases)
+            return case_report_rows(cases, self.class_names)
+        _, predicted, scores = self.score(batch)
+        if metrics is not None:
+            for i, image_scores in enumerate(scores):
+                metrics.update(image_scores.as_dict(), batch["category_ids"][i, : len(image_scores.dice)])
+        return self._image_rows(batch, predicted, scores)
+
+    def _image_rows(
+        self, batch: Batch, predicted: list[ImagePrediction], scores: list[InstanceScores]
+    ) -> list[dict[str, Any]]:
+        """The report rows of a scored image batch, one per instance (:func:`~segtune.reports.instance_rows`)."""
+        rows = []
+        for i, image_scores in enumerate(scores):
+            rows += instance_rows(
+                int(batch["image_ids"][i]), batch["file_names"][i], image_scores,
+                batch["category_ids"][i, : len(image_scores.dice)], predicted[i].scores, self.class_names,
+            )  # fmt: skip
+        return rows
+
     def untuned(self) -> SegmentationModule:
         """The same method and ``model`` rebuilt from its pretrained source, with no training, in eval mode.
 
@@ -255,7 +317,7 @@ class SegmentationModule(LightningModule):
         module.class_names = list(self.class_names)
         return module.eval()
 
-    def _evaluate(self, batch: Batch, stage: str) -> dict[str, list]:
+    def _evaluate(self, batch: Batch, stage: str) -> dict[str, Any]:
         if "volumes" in batch:  # whole cases (layout: volumes): propagated and scored as volumes
             return evaluate_volumes(self, batch, stage)
         out, predicted, scores = self.score(batch)
@@ -265,8 +327,10 @@ class SegmentationModule(LightningModule):
         for i, image_scores in enumerate(scores):
             metrics.update(image_scores.as_dict(), batch["category_ids"][i, : len(image_scores.dice)])
             empty.update(predicted[i].masks, batch["masks"][i])
-        # For callbacks (test report, validation pictures): the same scores, never recomputed.
-        return {"predictions": predicted, "scores": scores}
+        # For callbacks (test report, validation pictures, the untuned comparison): the same scores, never
+        # recomputed, and the report rows made of them (as volumes' steps return theirs)
+        return {"predictions": predicted, "scores": scores, "report_rows": self._image_rows(batch, predicted, scores),
+                "report_scores": IMAGE_SCORES, "report_unit": "image"}  # fmt: skip
 
     def _log_metrics(self, stage: str) -> None:
         collection = getattr(self, f"{stage}_metrics")
@@ -308,13 +372,18 @@ class SegmentationModule(LightningModule):
             self.current_epoch, what, "" if stage == "test" else ", as in the validation before",
         )  # fmt: skip
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        chosen = self.stop_choice.finish()
+        if chosen is not None and not self.trainer.sanity_checking:
+            # box2d: the stop rule chosen on this validation is used from now on and kept in the checkpoint
+            self.chosen_stop = chosen
+            self.log_dict({"val_stop_min_score": chosen.min_score, "val_stop_min_overlap": chosen.min_overlap})
 
-    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         return self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
@@ -375,12 +444,21 @@ class SegmentationModule(LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.chosen_stop is not None:
+            checkpoint["volume_stop"] = asdict(self.chosen_stop)
         if self.trainable_only_checkpoint:
             keep = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
+        if "volume_stop" in checkpoint:  # box2d's stop rule, chosen on the validation split of this fit
+            self.chosen_stop = StopRule(**checkpoint["volume_stop"])
+            if self.volume_scoring.prompt == "box2d":
+                log.info(
+                    "box2d stop rule chosen on the validation split of the checkpoint's fit: min_score %s, "
+                    "min_overlap %s", self.chosen_stop.min_score, self.chosen_stop.min_overlap,
+                )  # fmt: skip
         if not self.trainable_only_checkpoint:
             return
         own = self.state_dict()

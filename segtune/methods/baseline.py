@@ -192,6 +192,7 @@ class FullFinetune(SegmentationModule):
 
     def on_test_start(self) -> None:
         self._mark_disk_cached()  # after the first batch was read: that one is decoded anyway
+        super().on_test_start()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != TrainerFn.FITTING:

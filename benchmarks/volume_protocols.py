@@ -23,17 +23,14 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segtune.cli import main as segtune_main  # noqa: E402
+from benchmarks.volume_speed import timed  # noqa: E402  (wall and CPU seconds of one segtune command)
 
 CONFIG = ROOT / "configs" / "volumes_hippocampus.yaml"
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "hippocampus-mri-nifti-40"
@@ -50,16 +47,6 @@ VARIANTS: dict[str, list[str]] = {
                      f"{SCORING}choose_stop", "false"],
 }  # fmt: skip
 COLUMNS = ("dice", "nsd", "ceiling_dice", "ceiling_nsd", "slice_dice", "box_dice", "outside_slices", "empty_slices")
-
-
-def timed(args: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds of one in-process segtune command."""
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        segtune_main(args)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter() - start, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def run(variant: str, args: argparse.Namespace, work: Path) -> dict:

@@ -294,6 +294,8 @@ class TestReport(Callback):
         with torch.random.fork_rng(devices=[]):  # the run's own random state is left as it was
             torch.set_rng_state(self._rng_before_model)
             self._untuned_model = pl_module.untuned().to(pl_module.device)
+        if hasattr(self._untuned_model, "choose_stop_for_test"):  # box2d: the untuned model's own stop rule
+            self._untuned_model.choose_stop_for_test(trainer.datamodule)
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows: list[dict] = []

@@ -36,9 +36,12 @@ def test_box2d_chooses_its_stop_rule_on_validation_and_test_uses_it(tmp_path: Pa
     assert StopRule(**checkpoint["volume_stop"]) == chosen
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="segtune"):
-        run_cli("test", *TINY, *BOX2D, "--data.init_args.root", root, "--ckpt_path", version / "checkpoints/last.ckpt")
+        run_cli("test", *TINY, *BOX2D, "--data.init_args.root", root, "--ckpt_path", version / "checkpoints/last.ckpt",
+                "--trainer.callbacks+=segtune.callbacks.TestReport", "--trainer.callbacks.untuned=true")  # fmt: skip
     said = [r.getMessage() for r in caplog.records if "stop rule" in r.getMessage()]
     assert said and f"min_score {chosen.min_score}" in said[0]  # it says which rule it scores with
+    # the untuned model beside it chooses its own rule on the validation split, not the checkpoint's
+    assert sum("stop rule chosen on the validation split:" in m for m in said) == 1
     report = json.loads((run / "runs/volumes_hippocampus/version_1/test_metrics.json").read_text())
     for name in ("ceiling_dice", "ceiling_nsd", "outside_slices", "empty_slices"):
         assert name in report["overall"]

@@ -385,14 +385,16 @@ class SegmentationModule(LightningModule):
             self.log_dict({"val_stop_min_score": chosen.min_score, "val_stop_min_overlap": chosen.min_overlap})
 
     def on_test_start(self) -> None:
+        self.choose_stop_for_test(self.trainer.datamodule)
+
+    def choose_stop_for_test(self, datamodule: Any) -> None:
+        """``box2d`` with ``choose_stop``, no rule chosen yet (the untuned model, or a checkpoint from before):
+        choose the stop rule on the validation split of ``datamodule``, never on the test split."""
         scoring = self.volume_scoring
-        if self.evaluation_unit != "case" or scoring.prompt != "box2d" or not scoring.choose_stop:
+        if not getattr(datamodule, "volumetric", False) or scoring.prompt != "box2d" or not scoring.choose_stop:
             return
         if self.chosen_stop is not None:  # chosen on the validation split of the checkpoint's fit
             return
-        # no rule chosen yet (the untuned model, or a checkpoint from before): chosen now on the validation
-        # split, never on the test split
-        datamodule = self.trainer.datamodule
         if "validate" not in datamodule.datasets:
             datamodule.setup("validate")
         self.eval()

@@ -187,12 +187,14 @@ def test_segtune_lines_print_once_when_the_root_logger_prints_too(capsys: pytest
     logger = logging.getLogger("segtune.test_once")
     logger.addHandler(handler)
     root = logging.StreamHandler(sys.stderr)
+    kept = logging.getLogger().handlers[:]  # whatever earlier tests of this process left on the root logger
+    logging.getLogger().handlers.clear()
     try:
         logger.warning("alone")
         logging.getLogger().addHandler(root)
         logger.warning("with a root console handler")
     finally:
-        logging.getLogger().removeHandler(root)
+        logging.getLogger().handlers[:] = kept
         logger.removeHandler(handler)
     err = capsys.readouterr().err
     assert err.count("alone") == 1 and err.count("with a root console handler") == 1

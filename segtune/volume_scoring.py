@@ -30,14 +30,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
 from segtune.data.batch import Sample, collate
 from segtune.data.intensity import gray_to_rgb
 from segtune.data.prompts import mask_to_box
-from segtune.data.slices import PreparedVolume, VolumeOptions, slice_instances
+from segtune.data.slices import PreparedVolume, VolumeOptions, connected_components, slice_instances
 from segtune.postprocess import EmptyTarget, best_masks, overlap, predictions, score_instances
 from segtune.preprocessing import Preprocessing, preprocess_image, scale_coords
 from segtune.propagation import (
@@ -114,6 +113,11 @@ class VolumeScoring:
     slice_scores: bool = True
     slice_cache_mib: int = 2048
 
+    @property
+    def chooses_stop(self) -> bool:
+        """Whether a stop rule is chosen on the validation split (``box2d`` by boxes with ``choose_stop``)."""
+        return self.prompt == "box2d" and self.choose_stop and self.propagation == "box"
+
     def __post_init__(self) -> None:
         if self.prompt not in PROTOCOLS:
             raise ValueError(f"model.init_args.volume_scoring.prompt: {self.prompt!r} is not one of {list(PROTOCOLS)}")
@@ -138,8 +142,7 @@ def volume_objects(label: np.ndarray, values: Sequence[int], options: VolumeOpti
         if options.instances == "semantic":
             objects.append((cls, region))
             continue
-        # SimpleITK (the volume library): fully connected, i.e. 26-connected in 3D
-        parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), True))
+        parts = connected_components(region)
         count = int(parts.max())
         sizes = np.bincount(parts.ravel())
         objects += [(cls, parts == c) for c in range(1, count + 1) if sizes[c] >= options.min_area]
@@ -322,7 +325,7 @@ def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, ca
             samples = [sample(k, [prompts[i] for i in members]) for k, members in chunk]
             batch = collate(samples)
             if masks is not None:
-                batch["input_masks"] = _mask_inputs([masks[members[0]] for _, members in chunk], module)
+                batch["input_masks"] = _mask_inputs([masks[members[0]] for _, members in chunk])
             batch = move_data_to_device(batch, module.device)
             output = kept.forward([k for k, _ in chunk], samples, batch)
             logits, _ = best_masks(output.pred_masks, output.iou_scores)
@@ -336,7 +339,7 @@ def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, ca
     return predict
 
 
-def _mask_inputs(masks: Sequence[torch.Tensor | None], module: Any) -> torch.Tensor:
+def _mask_inputs(masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """``[B, 1, s, s]`` mask prompts (SAM's ``input_masks``): the given low-resolution logits, or, for a
     prompt without one, logits that say "no mask information" (a large negative value, as SAM's own
     first round passes no mask)."""
@@ -402,7 +405,7 @@ def score_case(
     found = volume_objects(label, values, options)
     prompts = [object_prompt(mask, scoring.prompt) for _, mask in found]
     stop = stop_rule(module)
-    choosing = choosing and scoring.prompt == "box2d" and scoring.choose_stop and scoring.propagation == "box"
+    choosing = choosing and scoring.chooses_stop
     followed = follow(
         module, volume, predict, prompts, scoring, stop, loosest([stop, *STOP_GRID]) if choosing else None
     )

@@ -22,11 +22,7 @@ from segtune.propagation import (
     stop_counts,
 )
 from segtune.volume_scoring import VolumeScoring, margin_pixels, object_prompt, range_errors, slice_range
-
-
-def ellipsoid(shape=(20, 48, 48), centre=(9, 24, 22), radii=(6, 14, 10)) -> np.ndarray:
-    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
-    return sum(((a - c) / r) ** 2 for a, c, r in zip((z, y, x), centre, radii, strict=True)) <= 1
+from tests.test_volume_scoring import ellipsoid
 
 
 def filled(box: np.ndarray, size: tuple[int, int]) -> np.ndarray:

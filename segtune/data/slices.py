@@ -216,6 +216,12 @@ def _pieces(region: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     return labels, [(c, int(tops[c]) * width + int(np.argmax(labels[tops[c]] == c))) for c in range(1, count)]
 
 
+def connected_components(region: np.ndarray) -> np.ndarray:
+    """The 26-connected components of a ``(S, H, W)`` bool volume, numbered from 1 (0: background); SimpleITK,
+    fully connected, as the volume library reads volumes."""
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), True))
+
+
 def volume_components(label: np.ndarray, values: Sequence[int], min_area: int) -> list[dict[int, int]]:
     """Which object each slice's pieces belong to under ``instances: components``, as scoring follows them.
 
@@ -234,8 +240,7 @@ def volume_components(label: np.ndarray, values: Sequence[int], min_area: int) -
         region = label == value
         if not region.any():
             continue
-        # SimpleITK, fully connected (26 in 3D), as volume_objects: the same objects scoring prompts
-        parts = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), True))
+        parts = connected_components(region)  # as volume_objects: the same objects scoring prompts
         sizes = np.bincount(parts.ravel())
         kept = np.flatnonzero(sizes >= min_area)
         kept = kept[kept > 0]

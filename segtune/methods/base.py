@@ -391,7 +391,7 @@ class SegmentationModule(LightningModule):
         """``box2d`` with ``choose_stop``, no rule chosen yet (the untuned model, or a checkpoint from before):
         choose the stop rule on the validation split of ``datamodule``, never on the test split."""
         scoring = self.volume_scoring
-        if not getattr(datamodule, "volumetric", False) or scoring.prompt != "box2d" or not scoring.choose_stop:
+        if not getattr(datamodule, "volumetric", False) or not scoring.chooses_stop:
             return
         if self.chosen_stop is not None:  # chosen on the validation split of the checkpoint's fit
             return

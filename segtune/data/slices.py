@@ -13,9 +13,8 @@ A volume is read and normalised once and kept in a :class:`VolumeStore` within t
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,12 +33,12 @@ from segtune.data.intensity import IntensityPolicy, gray_to_rgb, volume_to_model
 from segtune.data.masks import split_instances
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord
+from segtune.data.volume_prompts import prompts_by_case, read_volume_prompts
 from segtune.data.volumes import (
     Geometry,
     VolumeCase,
     VolumeLayout,
     case_folders,
-    case_name,
     dataset_json_labels,
     find_volume_layout,
     flat_cases,
@@ -500,53 +499,6 @@ class VolumeCaseDataset(Dataset):
         }
 
 
-def read_volume_prompts(path: Path, class_values: list[int]) -> dict[str, list[dict]]:
-    """A predict prompts json for volumes: ``{"<case file or name>": [{"slice": k, "box": [x0, y0, x1, y1],
-    "label": v}, ...]}``, one entry per object, on one slice each (along the slice axis; ``label`` is the
-    label value written, default the first class's); ``"points": [[x, y, 1], ...]`` may replace ``"box"``.
-    ``"slices": [first, last]`` gives the object's slice range (``box3d``: its box is then the in-plane extent
-    over the range, and nothing is predicted outside it); without it the object is followed until the model
-    says it ends (``box2d``).
-
-    Raises:
-        ValueError: naming the file and the entry when an entry is malformed.
-    """
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid json ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a volume prompts json maps case names to lists of {{slice, box, label}}")
-    out: dict[str, list[dict]] = {}
-    for name, entries in data.items():
-        parsed = []
-        for entry in entries if isinstance(entries, list) else [entries]:
-            try:
-                k = int(entry["slice"])
-                label = int(entry.get("label", class_values[0] if class_values else 1))
-                box = [float(v) for v in entry["box"]] if "box" in entry else None
-                points = [[float(v) for v in p] for p in entry["points"]] if "points" in entry else None
-                span = [int(v) for v in entry["slices"]] if entry.get("slices") is not None else None
-            except (KeyError, TypeError, ValueError, AttributeError):
-                box = points = span = None
-            if (box is None or len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]) and not (
-                points and all(len(p) == 3 for p in points)
-            ):
-                raise ValueError(
-                    f"{path}: entry {name!r}: {entry!r} is not "
-                    '{"slice": k, "box": [x0, y0, x1, y1], "label": v} (or "points": [[x, y, 1], ...])'
-                )
-            if span is not None and (len(span) != 2 or not span[0] <= k <= span[1]):
-                raise ValueError(
-                    f'{path}: entry {name!r}: {entry!r}: "slices" is the object\'s [first, last] slice and holds '
-                    'its prompted "slice"'
-                )
-            parsed.append({"slice": k, "box": box, "points": points, "label": label, "slices": span})
-        key = case_name(Path(name)).lower()
-        out[key] = parsed
-    return out
-
-
 class VolumeSource:
     """A volumetric dataset folder as the DataModule reads it: its cases per split, classes and datasets.
 
@@ -644,7 +596,9 @@ class VolumeSource:
             if not cases:
                 raise ValueError(f"{predict_images}: no volume files for data.predict_images")
             store = VolumeStore(cases, self.options, intensity, None, cache_mib)
-            prompts = prompts_by_case(cases, read_volume_prompts(predict_prompts, values), predict_prompts)
+            # every prompt checked against its volume's header before any model work
+            given = read_volume_prompts(predict_prompts, values)
+            prompts = prompts_by_case(cases, given, predict_prompts, predict_images, self.options.slice_axis)
             return VolumeCaseDataset(store, values, prompts)
         cases = self.cases(stage)
         if not cases:
@@ -663,27 +617,6 @@ class VolumeSource:
         log.info("%s: %d training slices from %d cases", self.root, len(records), len(cases))
         # the store keeps the volumes: the dataset's own image cache would keep each slice a second time
         return SliceDataset(records, pre, prompts, True, augment, seed, intensity, values, cache_images=0)
-
-
-def prompts_by_case(cases: list[VolumeCase], prompts: dict[str, list[dict]], path: Path) -> dict[str, list[dict]]:
-    """Each case's predict prompts by its case name (lower case): the entry of its case name, or of its image
-    file's name where that is one case's (``a_image.nrrd`` for case ``a``; not ``imaging.nii.gz``, every KiTS
-    case's). Entries that name no case are logged.
-    """
-    stems = Counter(case_name(c.image).lower() for c in cases)
-    out: dict[str, list[dict]] = {}
-    for case in cases:
-        stem = case_name(case.image).lower()
-        names = [case.name.lower()] + ([stem] if stems[stem] == 1 else [])
-        found = next((name for name in names if name in prompts), None)
-        if found is not None:
-            out[case.name.lower()] = prompts[found]
-    used = {name for case in cases for name in (case.name.lower(), case_name(case.image).lower())}
-    unused = [name for name in prompts if name not in used]
-    if unused:
-        log.warning("%s: %d entries name no case of data.predict_images and are not used (e.g. %s)",
-                    path, len(unused), unused[0])  # fmt: skip
-    return out
 
 
 def volume_layout_of(

@@ -28,9 +28,11 @@ Options shared by the protocols: the previous slice's low-resolution mask logits
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -83,10 +85,45 @@ class ObjectPrompt:
     slices: tuple[int, int] | None = None
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool; NaN and infinities are: each check says what it takes)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_fraction(value: Any) -> bool:
+    """Whether ``value`` is a number in [0, 1] (NaN is not)."""
+    return is_number(value) and 0 <= value <= 1
+
+
+def is_finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number."""
+    return is_number(value) and math.isfinite(value)
+
+
+def check_options(prefix: str, checks: Iterable[tuple[str, Any, bool, str]]) -> None:
+    """Stop at the first failed check, before any work, in one line naming the option's config key.
+
+    Args:
+        prefix: the options' config key (``model.init_args.volume_scoring``).
+        checks: ``(key, value, ok, need)`` each: ``<prefix>.<key> must be <need> (got <value>)`` unless ``ok``.
+
+    Raises:
+        ValueError: for the first check that is not ``ok``.
+    """
+    for key, value, ok, need in checks:
+        if not ok:
+            raise ValueError(f"{prefix}.{key} must be {need} (got {value!r})")
+
+
 @dataclass(frozen=True)
 class StopRule:
-    """``box2d``: where an object ends when its slice range is unknown. A slice whose prediction fails the
-    rule is not kept, and the object stops there in that direction.
+    """``box2d``: where an object ends when its slice range is unknown (``model.init_args.volume_scoring.stop``).
+    A slice whose prediction fails the rule is not kept, and the object stops there in that direction.
 
     Args:
         min_score: the model's predicted IoU of the slice's mask must reach this.
@@ -96,6 +133,12 @@ class StopRule:
 
     min_score: float = 0.0
     min_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        # set only as volume_scoring.stop (a checkpoint's chosen rule comes from STOP_GRID): named by that key
+        check_options("model.init_args.volume_scoring.stop", (
+            (key, value, is_fraction(value), "in [0, 1]") for key, value in vars(self).items()
+        ))  # fmt: skip
 
     def keeps(self, score: float, overlap: float) -> bool:
         """Whether a slice with this predicted IoU and overlap with the previous mask is kept."""
@@ -163,7 +206,8 @@ class Followed:
 
 @dataclass(frozen=True)
 class PropagationOptions:
-    """What every protocol shares (set from ``volume_scoring``).
+    """What every protocol shares (set from ``model.init_args.volume_scoring``, whose values are checked there
+    first: these checks, named by this class, stop only a caller that builds one itself).
 
     Args:
         margin: pixels (at the slice's resolution) a previous mask's box grows by each side.
@@ -176,6 +220,14 @@ class PropagationOptions:
     min_pixels: int = 1
     mask_prompt: bool = False
     largest_component: bool = False
+
+    def __post_init__(self) -> None:
+        check_options("PropagationOptions", (
+            ("margin", self.margin, is_finite(self.margin) and self.margin >= 0, "a finite number >= 0 (pixels)"),
+            ("min_pixels", self.min_pixels, is_integer(self.min_pixels) and self.min_pixels >= 0, "an integer >= 0"),
+            ("mask_prompt", self.mask_prompt, isinstance(self.mask_prompt, bool), "true or false"),
+            ("largest_component", self.largest_component, isinstance(self.largest_component, bool), "true or false"),
+        ))  # fmt: skip
 
 
 def next_box(mask: np.ndarray, margin: float, limit: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -49,7 +49,11 @@ from segtune.propagation import (
     SliceOutput,
     SlicePredictor,
     StopRule,
+    check_options,
     choose_stop,
+    is_finite,
+    is_integer,
+    is_number,
     largest_component,
     loosest,
     stop_counts,
@@ -119,12 +123,22 @@ class VolumeScoring:
         return self.prompt == "box2d" and self.choose_stop and self.propagation == "box"
 
     def __post_init__(self) -> None:
-        if self.prompt not in PROTOCOLS:
-            raise ValueError(f"model.init_args.volume_scoring.prompt: {self.prompt!r} is not one of {list(PROTOCOLS)}")
-        if not self.tolerance_mm > 0:
-            raise ValueError(f"model.init_args.volume_scoring.tolerance_mm must be > 0 (got {self.tolerance_mm})")
-        if not self.box_margin >= 0:
-            raise ValueError(f"model.init_args.volume_scoring.box_margin must be >= 0 (got {self.box_margin})")
+        # every value checked before any work (a negative tolerance_mm stopped only after a case had been
+        # scored, in MONAI's words); stop's own values are checked by StopRule, which is built first
+        ints = {"min_pixels": 0, "slice_batch": 1, "slice_cache_mib": 0}
+        flags = ("choose_stop", "mask_prompt", "largest_component", "slice_scores")
+        check_options("model.init_args.volume_scoring", (
+            ("prompt", self.prompt, self.prompt in tuple(PROTOCOLS), f"one of {list(PROTOCOLS)}"),
+            ("propagation", self.propagation, self.propagation in ("box", "memory"), "one of ['box', 'memory']"),
+            ("tolerance_mm", self.tolerance_mm, is_number(self.tolerance_mm) and self.tolerance_mm > 0, "> 0"),
+            ("tolerance_mm", self.tolerance_mm, is_finite(self.tolerance_mm), "finite"),
+            ("box_margin", self.box_margin, is_number(self.box_margin) and self.box_margin >= 0, ">= 0"),
+            ("box_margin", self.box_margin, is_finite(self.box_margin), "finite"),
+            ("stop", self.stop, isinstance(self.stop, StopRule), "a StopRule (min_score, min_overlap)"),
+            *((k, getattr(self, k), isinstance(getattr(self, k), bool), "true or false") for k in flags),
+            *((k, getattr(self, k), is_integer(getattr(self, k)) and getattr(self, k) >= low, f"an integer >= {low}")
+              for k, low in ints.items()),
+        ))  # fmt: skip
 
 
 # --- objects and their prompts ---------------------------------------------------------------------------

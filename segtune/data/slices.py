@@ -96,14 +96,26 @@ class VolumeOptions:
     propagation_offset: int = 2
 
     def __post_init__(self) -> None:
-        for key in ("empty_slices", "propagation_prompts"):
-            value = getattr(self, key)
-            if not 0 <= value <= 1:
-                raise ValueError(f"data.init_args.volumes.{key} must be a fraction in [0, 1], got {value}")
-        if self.propagation_offset < 1:
-            raise ValueError(
-                f"data.init_args.volumes.propagation_offset must be 1 or more (slices), got {self.propagation_offset}"
-            )
+        # every value checked before any work, in one line naming its key (the form of
+        # segtune.propagation.check_options; that module imports this one)
+        def integer(value: Any) -> bool:
+            return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+        def fraction(value: Any) -> bool:  # NaN is not
+            return (integer(value) or isinstance(value, float | np.floating)) and 0 <= value <= 1
+
+        kinds = {"axis": ["auto", *AXES], "instances": ["semantic", "components"]}
+        checks = (
+            *((key, getattr(self, key), getattr(self, key) in kinds[key], f"one of {kinds[key]}") for key in kinds),
+            ("min_area", self.min_area, integer(self.min_area) and self.min_area >= 0, "an integer >= 0"),
+            *((key, getattr(self, key), fraction(getattr(self, key)), "a fraction in [0, 1]")
+              for key in ("empty_slices", "propagation_prompts")),
+            ("propagation_offset", self.propagation_offset,
+             integer(self.propagation_offset) and self.propagation_offset >= 1, "1 or more (slices)"),
+        )  # fmt: skip
+        for key, value, ok, need in checks:
+            if not ok:
+                raise ValueError(f"data.init_args.volumes.{key} must be {need} (got {value!r})")
 
     def slice_axis(self, geometry: Geometry) -> int:
         """The array axis slices are cut across, for a case of ``geometry``."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from segtune.data.layouts import detect_layout
+from segtune.data.slices import VolumeOptions
 from segtune.data.volumes import flat_naming, read_volume
 from tests.conftest import CONFIGS
 from tests.test_volumes import datamodule, phantom, write_case
@@ -132,13 +133,16 @@ def test_flat_and_case_folders_in_split_folders(tmp_path: Path) -> None:
     assert [c.name for c in datamodule(root).volume_source.cases("fit")] == ["case_00000", "case_00001"]
 
 
-def test_unlabelled_cases_are_left_out_of_training_and_predicted(tmp_path: Path, caplog) -> None:
+def test_unlabelled_cases_stop_or_are_skipped_in_training_and_are_predicted(tmp_path: Path, caplog) -> None:
     root = tmp_path / "kits"
     kits(root, cases=2, unlabelled=1)
-    dm = datamodule(root, split_fractions=(1.0, 0.0, 0.0))
+    with pytest.raises(ValueError) as error:  # by default a case without its label stops, listed
+        datamodule(root, split_fractions=(1.0, 0.0, 0.0)).volume_source.cases("fit")
+    assert str(error.value).startswith(f"{root}: 1 images without a label (case_00002/imaging.nii.gz)")
+    dm = datamodule(root, split_fractions=(1.0, 0.0, 0.0), volumes=VolumeOptions(unpaired="skip"))
     with caplog.at_level(logging.WARNING):
         assert [c.name for c in dm.volume_source.cases("fit")] == ["case_00000", "case_00001"]
-    assert "1 of 3 cases have no label volume and are left out (e.g. " in caplog.text and "case_00002" in caplog.text
+    assert "1 images without a label (case_00002/imaging.nii.gz) are left out" in caplog.text
     # predict: case folders without labels, and a flat folder whose labels are left out
     prompt = [{"slice": 5, "box": [4, 4, 30, 24], "label": 1}]
     for folder, key, names in (
@@ -181,7 +185,8 @@ def test_pair_key_names_the_case_in_flat_and_image_label_folders(tmp_path: Path,
         image, label = phantom(seed=i)
         write_case(root / "images" / f"c{i}_image.nrrd", image)
         write_case(root / "labels" / f"c{i}_label.nrrd", label)
-    with pytest.raises(ValueError, match=r"c0_image.nrrd: no label volume named c0_image in .*labels; "):
+    unpaired = r"2 images without a label \(c0_image.nrrd, c1_image.nrrd\) and 2 labels without an image \(c0_label"
+    with pytest.raises(ValueError, match=unpaired + r".*paired by file name \(data.init_args.pair_key pairs names"):
         datamodule(root, split_fractions=(1.0, 0.0, 0.0)).volume_source.cases("fit")
     dm = datamodule(root, pair_key="^(.+)_", split_fractions=(1.0, 0.0, 0.0))
     assert [(c.name, c.label.name) for c in dm.volume_source.cases("fit")] == [  # type: ignore[union-attr]
@@ -218,7 +223,7 @@ def test_ambiguous_or_bad_folders_stop_in_one_line_naming_them(tmp_path: Path) -
     root = tmp_path / "kits"
     kits(root, cases=2)
     (root / "case_00001" / "imaging.nii.gz").unlink()
-    assert _error(root).startswith(f"{root / 'case_00001' / 'segmentation.nii.gz'}: a label volume whose case has no")
+    assert _error(root).startswith(f"{root}: 1 labels without an image (case_00001/segmentation.nii.gz); pair them")
     # two labels of one case in a flat folder
     root = tmp_path / "flat"
     flat_nrrd(root, cases=2)

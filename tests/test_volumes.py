@@ -60,7 +60,8 @@ def decathlon(root: Path, cases: int = 4, suffix: str = ".nii.gz", channel: str 
 def datamodule(root: Path, **kwargs) -> SegmentationDataModule:
     kwargs.setdefault("intensity", IntensityPolicy("percentile"))
     kwargs.setdefault("split_fractions", (0.5, 0.25, 0.25))
-    return SegmentationDataModule(root, preprocessing=preprocessing_for("sam-tiny"), cache_images=64, **kwargs)
+    kwargs.setdefault("cache_images", 64)
+    return SegmentationDataModule(root, preprocessing=preprocessing_for("sam-tiny"), **kwargs)
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])

@@ -102,9 +102,11 @@ class SegmentationDataModule(LightningDataModule):
         pin_memory: page-locked host memory for faster copies to a GPU.
         persistent_workers: keep workers alive between epochs (needs ``num_workers > 0``).
         cache_images: keep decoded images in memory up to this many MiB per dataset and process, so
-            later epochs skip decoding (0: off); with ``num_workers > 0`` each worker keeps its own
-            cache, which lasts across epochs only with ``persistent_workers: true``. Volumes: the
-            normalised volumes kept (the most recent one always is).
+            later epochs skip decoding (0 or null: off); with ``num_workers > 0`` each worker keeps its
+            own cache, which lasts across epochs only with ``persistent_workers: true``. Volumes: the
+            normalised volumes kept (the most recent one always is); null sizes it from the volumes'
+            headers and the memory available (all of a split's cases, up to a quarter of it; said at
+            INFO), 0 reads a volume again for each training slice.
         volumes: volumes layout: the slice axis, the instance rule and how many slices without
             foreground train (:class:`segtune.data.slices.VolumeOptions`).
         modality: volumes layout, a case with several images (BraTS' ``<case>_flair.nii.gz``,
@@ -138,7 +140,7 @@ class SegmentationDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        cache_images: int = 0,
+        cache_images: int | None = None,
         prompts: PromptConfig = DEFAULT_PROMPTS,
         augmentations: list[A.BasicTransform] | None = None,
         preprocessing: Preprocessing | None = None,
@@ -170,6 +172,10 @@ class SegmentationDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        if cache_images is not None and cache_images < 0:
+            raise ValueError(
+                f"data.init_args.cache_images must be a budget in MiB >= 0 (or null: automatic), got {cache_images}"
+            )
         self.cache_images = cache_images
         if cache_images and num_workers > 0 and not persistent_workers:
             log.warning("data.init_args.cache_images: workers restart every epoch and lose their cache; "

@@ -56,7 +56,7 @@ class InstanceDataset(Dataset):
         seed: int = 0,
         intensity: IntensityPolicy | None = None,
         category_ids: Sequence[int] | None = None,
-        cache_images: int = 0,
+        cache_images: int | None = 0,
     ) -> None:
         self.records = list(records)
         self.intensity = intensity or IntensityPolicy()

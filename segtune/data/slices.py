@@ -29,17 +29,19 @@ from torch.utils.data import Dataset
 
 from segtune.data.batch import Sample
 from segtune.data.dataset import InstanceDataset
+from segtune.data.dataset_json import missing_listed, read_dataset_json
 from segtune.data.intensity import IntensityPolicy, gray_to_rgb, volume_to_model_range
 from segtune.data.masks import split_instances
 from segtune.data.prompts import PromptConfig
 from segtune.data.records import ImageRecord
+from segtune.data.volume_cache import automatic_cache_mib
 from segtune.data.volume_prompts import prompts_by_case, read_volume_prompts
 from segtune.data.volumes import (
     Geometry,
     VolumeCase,
     VolumeLayout,
     case_folders,
-    dataset_json_labels,
+    case_name,
     find_volume_layout,
     flat_cases,
     flat_naming,
@@ -49,6 +51,7 @@ from segtune.data.volumes import (
     pair_cases,
     predict_cases,
     read_volume,
+    settle_unpaired,
 )
 from segtune.preprocessing import Preprocessing, masks_to_low_res, resize_image
 
@@ -86,6 +89,9 @@ class VolumeOptions:
             slice are one prompt). 0 trains every slice with its own boxes only.
         propagation_offset: the farthest slice a propagated prompt comes from (1: the adjacent slice,
             as scoring propagates; 2 also learns from a box two slices away).
+        unpaired: what a labelled folder's images without a label and labels without an image do (and
+            the pairs ``dataset.json`` lists whose files are missing): ``"stop"`` with one line listing
+            them, or ``"skip"``: leave them out with a warning listing them.
     """
 
     axis: Literal["auto", "x", "y", "z"] = "auto"
@@ -94,6 +100,7 @@ class VolumeOptions:
     empty_slices: float = 0.0
     propagation_prompts: float = 0.0
     propagation_offset: int = 2
+    unpaired: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         # every value checked before any work, in one line naming its key (the form of
@@ -104,7 +111,7 @@ class VolumeOptions:
         def fraction(value: Any) -> bool:  # NaN is not
             return (integer(value) or isinstance(value, float | np.floating)) and 0 <= value <= 1
 
-        kinds = {"axis": ["auto", *AXES], "instances": ["semantic", "components"]}
+        kinds = {"axis": ["auto", *AXES], "instances": ["semantic", "components"], "unpaired": ["stop", "skip"]}
         checks = (
             *((key, getattr(self, key), getattr(self, key) in kinds[key], f"one of {kinds[key]}") for key in kinds),
             ("min_area", self.min_area, integer(self.min_area) and self.min_area >= 0, "an integer >= 0"),
@@ -490,12 +497,18 @@ class VolumeCaseDataset(Dataset):
         self.store = store
         self.values = values
         self.prompts = prompts
+        self.checked: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         volume = self.store.get(index)
+        if volume.label is not None and index not in self.checked:  # said once: the case is scored on nothing
+            self.checked.add(index)
+            if not np.isin(volume.label, self.values).any():
+                log.warning("%s: the label holds none of the classes' values %s: the case adds no score",
+                            volume.case.label, self.values)  # fmt: skip
         item: dict[str, Any] = {"index": index, "volume": volume, "values": self.values, "options": self.store.options}
         if self.prompts is not None:
             item["prompts"] = self.prompts.get(volume.case.name.lower(), [])
@@ -533,7 +546,13 @@ class VolumeSource:
         self.options = options
         self.categories = categories
         self.take_split = take_split
+        self.dataset_json = read_dataset_json(root / "dataset.json") if layout.kind == "decathlon" else None
         self._labels: dict[int, str] | None = None
+        self._found: dict[Path, list[VolumeCase]] = {}
+
+    @property
+    def skip_unpaired(self) -> bool:
+        return self.options.unpaired == "skip"
 
     # --- cases ---------------------------------------------------------------------------------
     def cases(self, stage: str) -> list[VolumeCase]:
@@ -541,12 +560,44 @@ class VolumeSource:
         root, kind = self.root, self.layout.kind
         if kind == "decathlon":
             if stage == "test" and (root / "labelsTs").is_dir():
-                return pair_cases(root / "imagesTs", root / "labelsTs")
-            return self.take_split(pair_cases(root / "imagesTr", root / "labelsTr"), stage)
+                return self._once(root / "imagesTs", lambda: pair_cases(root / "imagesTs", root / "labelsTs"))
+            return self.take_split(self._once(root / "imagesTr", self._listed_training), stage)
         folder = root / self.splits[stage]
         per_split = folder.is_dir() and self._holds_cases(folder)
-        cases = self._folder_cases(folder if per_split else root)
+        base = folder if per_split else root
+        cases = self._once(base, lambda: self._folder_cases(base))
         return cases if per_split else self.take_split(cases, stage)
+
+    def _once(self, folder: Path, find: Callable[[], list[VolumeCase]]) -> list[VolumeCase]:
+        """The cases of ``folder``, found (and their pairing checked and reported) once."""
+        if folder not in self._found:
+            self._found[folder] = find()
+        return self._found[folder]
+
+    def _listed_training(self) -> list[VolumeCase]:
+        """``imagesTr`` paired with ``labelsTr``, checked against the pairs ``dataset.json`` lists."""
+        root = self.root
+        cases = pair_cases(root / "imagesTr", root / "labelsTr", skip_unpaired=self.skip_unpaired)
+        listed = self.dataset_json
+        if listed is None:
+            return cases
+        halves, wholes = missing_listed(listed, root, {c.name.lower() for c in cases})
+        unpaired = {"pairs of its training list with a file missing": halves}
+        settle_unpaired(str(listed.path), unpaired, self.skip_unpaired, base=root)
+        gone = {case_name(p).lower() for p in halves}
+        cases = [c for c in cases if c.name.lower() not in gone]
+        if wholes:  # a subset of the listed cases, as a user who copies some keeps it
+            log.warning("%s: %d pairs of its training list are in neither imagesTr nor labelsTr (e.g. %s); the %d "
+                        "pairs found are used", listed.path, len(wholes), wholes[0].name, len(cases))  # fmt: skip
+        unlisted = [c.image.name for c in cases if listed.training is not None and c.name.lower() not in
+                    {case_name(Path(image)).lower() for image, _ in listed.training}]  # fmt: skip
+        if unlisted:
+            log.warning("%s: %d cases of imagesTr are not in its training list and are used too (e.g. %s)",
+                        listed.path, len(unlisted), unlisted[0])  # fmt: skip
+        elif listed.training is None and listed.num_training not in (None, len(cases)):
+            log.warning("%s: numTraining is %d but imagesTr and labelsTr pair %d cases", listed.path,
+                        listed.num_training, len(cases))  # fmt: skip
+        return cases
 
     def _holds_cases(self, folder: Path) -> bool:
         """Whether the split folder ``folder`` holds its own cases in the layout's form."""
@@ -562,12 +613,13 @@ class VolumeSource:
     def _folder_cases(self, base: Path) -> list[VolumeCase]:
         """The labelled cases of ``base`` (``root`` or a split folder) in the layout's form."""
         layout = self.layout
+        skip = self.skip_unpaired
         if layout.kind == "folders":
-            return pair_cases(base / layout.image_dir, base / layout.label_dir, pair_key=layout.pair_key)
+            return pair_cases(base / layout.image_dir, base / layout.label_dir, layout.pair_key, skip)
         if layout.kind == "flat":  # each folder's own naming, unless pair_key is configured
-            return flat_cases(base, flat_naming(base, layout.pair_key)[0], layout.modality)
+            return flat_cases(base, flat_naming(base, layout.pair_key)[0], layout.modality, skip_unpaired=skip)
         if layout.kind == "cases":
-            return folder_cases(base, layout.modality)
+            return folder_cases(base, layout.modality, skip_unpaired=skip)
         return npz_cases(base)
 
     # --- classes -------------------------------------------------------------------------------
@@ -575,7 +627,10 @@ class VolumeSource:
         """Label value -> class name: ``categories``, else ``dataset.json``, else the values the training
         labels hold (named by their value)."""
         if self._labels is None:
-            listed = dataset_json_labels(self.root / "dataset.json")
+            listed = self.dataset_json.labels if self.dataset_json is not None else None
+            if self.dataset_json is not None and listed is None and self.categories is None:
+                log.info("%s: no labels field: the classes are the label values the training labels hold",
+                         self.dataset_json.path)  # fmt: skip
             if self.categories is not None:
                 values = sorted(listed) if listed and len(listed) == len(self.categories) else None
                 self._labels = dict(zip(values or range(1, len(self.categories) + 1), self.categories, strict=True))
@@ -593,7 +648,7 @@ class VolumeSource:
     # --- datasets ------------------------------------------------------------------------------
     def dataset(
         self, stage: str, pre: Preprocessing, prompts: PromptConfig, augment: A.Compose | None, seed: int,
-        intensity: IntensityPolicy, cache_mib: int, predict_images: Path | None, predict_prompts: Path | None,
+        intensity: IntensityPolicy, cache_mib: int | None, predict_images: Path | None, predict_prompts: Path | None,
     ) -> Dataset:  # fmt: skip
         """``stage``'s dataset: slices for fit, whole cases for validate, test and predict."""
         labels = self.labels()
@@ -607,6 +662,8 @@ class VolumeSource:
             cases = predict_cases(predict_images, self.layout.pair_key, self.layout.modality)
             if not cases:
                 raise ValueError(f"{predict_images}: no volume files for data.predict_images")
+            if cache_mib is None:
+                cache_mib = automatic_cache_mib(cases, str(predict_images))
             store = VolumeStore(cases, self.options, intensity, None, cache_mib)
             # every prompt checked against its volume's header before any model work
             given = read_volume_prompts(predict_prompts, values)
@@ -615,18 +672,22 @@ class VolumeSource:
         cases = self.cases(stage)
         if not cases:
             raise ValueError(f"{self.root}: split {self.splits[stage]!r} has no case")
+        if cache_mib is None:
+            cache_mib = automatic_cache_mib(cases, f"{self.root}: split {self.splits[stage]!r}")
         store = VolumeStore(cases, self.options, intensity, values, cache_mib)
         if stage != "fit":
+            log.info("%s: split %r: %d cases, scored as volumes", self.root, self.splits[stage], len(cases))
             return VolumeCaseDataset(store, values)
         records = _slice_records(store, values, self.options, seed)
         if not records:
             raise ValueError(f"{self.root}: split {self.splits[stage]!r} has no slice with a labelled object")
-        if not cache_mib:
-            log.warning(
-                "%s: data.init_args.cache_images is 0: each training slice reads its volume again; set it to the "
-                "MiB the normalised volumes need (kept once per process)", self.root,
-            )  # fmt: skip
-        log.info("%s: %d training slices from %d cases", self.root, len(records), len(cases))
+        used = {r.case for r in records}
+        empty = [c.image.name for i, c in enumerate(cases) if i not in used]
+        log.info("%s: split %r: %d training slices from %d cases", self.root, self.splits[stage], len(records),
+                 len(cases) - len(empty))  # fmt: skip
+        if empty:
+            log.warning("%s: split %r: %d of %d cases have no foreground and add no training slice (%s)",
+                        self.root, self.splits[stage], len(empty), len(cases), ", ".join(empty[:5]))  # fmt: skip
         # the store keeps the volumes: the dataset's own image cache would keep each slice a second time
         return SliceDataset(records, pre, prompts, True, augment, seed, intensity, values, cache_images=0)
 

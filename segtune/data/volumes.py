@@ -31,11 +31,11 @@ images; when a case has several images (modalities), the last word outside the g
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from segtune.data.masks import MASK_SUFFIXES, compile_pair_key
+from segtune.data.volume_checks import is_nifti, nonfinite_voxels
 
 log = logging.getLogger(__name__)
 
@@ -217,31 +218,36 @@ def _where(root: Path, splits: list[str], holds: Callable[[Path], bool]) -> str 
 
 
 def pair_cases(
-    image_dir: Path, label_dir: Path | None, require_labels: bool = True, pair_key: str | None = None
+    image_dir: Path, label_dir: Path | None, pair_key: str | None = None, skip_unpaired: bool = False
 ) -> list[VolumeCase]:
     """Pair the volumes of ``image_dir`` with the label files of ``label_dir`` by case name.
 
     Args:
         image_dir: the image folder.
         label_dir: the label folder; None: unlabelled cases.
-        require_labels: whether an image without a label stops.
         pair_key: a regular expression whose first group, searched in both file stems, is the case name
             (``'^(.+)_'`` pairs ``a_image.nrrd`` with ``a_label.nrrd``); None: the file name.
+        skip_unpaired: leave images without a label and labels without an image out (with a warning
+            listing them) instead of stopping.
 
     Raises:
-        ValueError: one line naming the file, for an image without a label (when ``require_labels``),
-            a second channel (``_0001``: segtune reads one channel) or no volume at all.
+        ValueError: one line naming the folder or file: images without a label or labels without an image
+            (listing them, unless ``skip_unpaired``), a case stored twice (both files named), a second
+            channel (``_0001``: segtune reads one channel) or no volume at all.
     """
     images = volume_files(image_dir)
     if not images:
         raise ValueError(f"{image_dir}: no volume files ({', '.join(VOLUME_SUFFIXES)})")
     key = compile_pair_key(pair_key)
-    labels = {}
+    labels: dict[str, tuple[str, Path]] = {}
+    unnamed: list[Path] = []
     for path in volume_files(label_dir) if label_dir is not None else []:
         name = _key_name(path, key)
-        if name is not None:
-            labels[name.lower()] = path
-    cases = []
+        if name is None:
+            unnamed.append(path)
+        else:
+            _add_once(labels, name, path)
+    by_name: dict[str, tuple[str, Path]] = {}
     for path in images:
         channel = _CHANNEL.search(volume_stem(path))
         if channel and channel.group(1) != "0000":
@@ -249,14 +255,62 @@ def pair_cases(
                 f"{path}: image channel {channel.group(1)}: segtune reads single-channel volumes (channel 0000 only); "
                 "move the other channels out of the folder"
             )
-        name = _key_name(path, key)
-        label = labels.get(name.lower()) if name is not None else None
-        if label is None and require_labels:
-            rule = f"matching data.init_args.pair_key {pair_key!r}" if key else f"named {name}"
-            hint = "" if key else "; data.init_args.pair_key pairs names that differ"
-            raise ValueError(f"{path}: no label volume {rule} in {label_dir}{hint}")
-        cases.append(VolumeCase(name or case_name(path), path, label))
-    return cases
+        _add_once(by_name, _key_name(path, key) or case_name(path), path)
+    if label_dir is None:
+        return [VolumeCase(name, path) for name, path in by_name.values()]
+    lonely = [path for low, (_, path) in by_name.items() if low not in labels]
+    orphans = unnamed + [path for low, (_, path) in labels.items() if low not in by_name]
+    how = (
+        f", paired by data.init_args.pair_key {pair_key!r}"
+        if key
+        else ", paired by file name (data.init_args.pair_key pairs names that differ)"
+    )
+    unpaired = {"images without a label": lonely, "labels without an image": orphans}
+    settle_unpaired(f"{image_dir} and {label_dir}", unpaired, skip_unpaired, how)
+    return [VolumeCase(name, path, labels[low][1]) for low, (name, path) in by_name.items() if low in labels]
+
+
+def _add_once(cases: dict[str, tuple[str, Path]], name: str, path: Path) -> None:
+    """``cases[name.lower()] = (name, path)``, refusing a case stored twice (two formats of one name)."""
+    low = name.lower()
+    if low in cases:
+        raise ValueError(
+            f"{path.parent}: case {name} is stored twice ({cases[low][1].name} and {path.name}); keep one file per case"
+        )
+    cases[low] = (name, path)
+
+
+def _listing(paths: list[Path], base: Path | None, most: int = 5) -> str:
+    """The first ``most`` files, named from ``base`` (``case_00002/imaging.nii.gz``) or by file name."""
+    names = ", ".join(str(p.relative_to(base)) if base and p.is_relative_to(base) else p.name for p in paths[:most])
+    return names + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def settle_unpaired(
+    where: str, unpaired: dict[str, list[Path]], skip: bool, how: str = "", base: Path | None = None
+) -> None:
+    """Stop, or with ``skip`` warn, listing files that found no partner.
+
+    Args:
+        where: the folder(s) or file, first in the line.
+        unpaired: what they are -> the files (``"images without a label"``, ``"labels without an image"``,
+            ``"listed files not in the folders"``); empty lists are left out.
+        skip: warn and go on (``data.init_args.volumes.unpaired: skip``) instead of stopping.
+        how: how the files were paired, for the line.
+        base: the files are named from this folder (None: by file name).
+
+    Raises:
+        ValueError: one line listing them, unless ``skip`` or there are none.
+    """
+    what = " and ".join(f"{len(paths)} {kind} ({_listing(paths, base)})" for kind, paths in unpaired.items() if paths)
+    if not what:
+        return
+    if skip:
+        log.warning("%s: %s are left out (data.init_args.volumes.unpaired: skip)", where, what)
+        return
+    raise ValueError(
+        f"{where}: {what}{how}; pair them or move them out (data.init_args.volumes.unpaired: skip leaves them out)"
+    )
 
 
 def _key_name(path: Path, key: re.Pattern | None) -> str | None:
@@ -354,6 +408,10 @@ def _one_case(files: list[NamedFile], modality: str | None, where: str, name: st
         )
     if not images:
         raise ValueError(f"{labels[0].path}: a label volume whose case has no image volume beside it")
+    for i, first in enumerate(files):  # one name, two formats (case.nii.gz and case.nrrd)
+        twin = next((f for f in files[i + 1 :] if f.rest.lower() == first.rest.lower()), None)
+        if twin is not None:
+            raise ValueError(f"{where}: stored twice ({first.path.name} and {twin.path.name}); keep one file per case")
     image = images[0] if len(images) == 1 and modality is None else _modality_image(images, modality, where)
     return VolumeCase(name or image.case, image.path, labels[0].path if labels else None)
 
@@ -372,8 +430,18 @@ def _modality_image(images: list[NamedFile], modality: str | None, where: str) -
     return chosen[0]
 
 
-def _labelled(cases: list[VolumeCase], folder: Path, labelled: bool) -> list[VolumeCase]:
-    """``labelled``: the cases with a label (those without logged, none at all refused); else all, unlabelled."""
+def _labelled(
+    groups: list[tuple[list[NamedFile], str, str | None]], folder: Path, labelled: bool, modality: str | None,
+    skip_unpaired: bool,
+) -> list[VolumeCase]:  # fmt: skip
+    """The cases of ``groups`` (each case's files, where it is, its name if not the files'). ``labelled``: the cases
+    with a label; images without one and labels without an image stop, listed (or, ``skip_unpaired``, are left
+    out with a warning); no label at all is refused. Else every case, unlabelled.
+    """
+    orphans = [f.path for files, _, _ in groups if not any(not f.is_label for f in files) for f in files]
+    cases = [
+        _one_case(files, modality, where, name) for files, where, name in groups if any(not f.is_label for f in files)
+    ]
     if not labelled:
         return [VolumeCase(c.name, c.image) for c in cases]
     kept = [c for c in cases if c.label is not None]
@@ -383,10 +451,9 @@ def _labelled(cases: list[VolumeCase], folder: Path, labelled: bool) -> list[Vol
             f"{folder}: no case has a label volume (e.g. {example}); a label's name holds one of the words "
             f"{', '.join(LABEL_WORDS)} (or set data.init_args.pair_key)"
         )
-    if len(kept) < len(cases):
-        missing = next(c for c in cases if c.label is None)
-        log.warning("%s: %d of %d cases have no label volume and are left out (e.g. %s)",
-                    folder, len(cases) - len(kept), len(cases), missing.image)  # fmt: skip
+    lonely = [c.image for c in cases if c.label is None]
+    unpaired = {"images without a label": lonely, "labels without an image": orphans}
+    settle_unpaired(str(folder), unpaired, skip_unpaired, base=folder)
     return kept
 
 
@@ -457,15 +524,18 @@ def flat_naming(folder: Path, pair_key: str | None = None) -> tuple[str, str]:
     return FLAT_NAMINGS[fits[0]], f"as {fits[0]} (data.init_args.pair_key sets another)"
 
 
-def flat_cases(folder: Path, pair_key: str, modality: str | None = None, labelled: bool = True) -> list[VolumeCase]:
+def flat_cases(
+    folder: Path, pair_key: str, modality: str | None = None, labelled: bool = True, skip_unpaired: bool = False
+) -> list[VolumeCase]:
     """The cases of a folder of image and label volumes side by side, named by ``pair_key``.
 
     Args:
         folder: the folder.
         pair_key: a regular expression whose first group is the case name (:func:`flat_naming`).
         modality: which image a case with several reads (the last word of its name outside the case).
-        labelled: True: the cases with a label (those without are logged and left out); False: every
-            case, without its label (predict).
+        labelled: True: the cases with a label (images without one and labels without an image stop,
+            listed, unless ``skip_unpaired``); False: every case, without its label (predict).
+        skip_unpaired: leave unpaired files out with a warning listing them instead of stopping.
 
     Raises:
         ValueError: one line naming the folder or file: no volume, no name matching ``pair_key``, two
@@ -489,8 +559,8 @@ def flat_cases(folder: Path, pair_key: str, modality: str | None = None, labelle
     if unmatched:
         log.warning("%s: %d volume files do not match pair_key %r and are left out (e.g. %s)",
                     folder, len(unmatched), pair_key, unmatched[0].name)  # fmt: skip
-    cases = [_one_case(named, modality, f"{folder}: case {named[0].case}") for named in by_case.values()]
-    return _labelled(cases, folder, labelled)
+    groups = [(named, f"{folder}: case {named[0].case}", None) for named in by_case.values()]
+    return _labelled(groups, folder, labelled, modality, skip_unpaired)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -513,7 +583,9 @@ def holds_case_folders(folder: Path) -> bool:
     return False
 
 
-def folder_cases(folder: Path, modality: str | None = None, labelled: bool = True) -> list[VolumeCase]:
+def folder_cases(
+    folder: Path, modality: str | None = None, labelled: bool = True, skip_unpaired: bool = False
+) -> list[VolumeCase]:
     """The cases of a folder of case folders, each named by its folder (KiTS' ``case_00000/imaging.nii.gz`` +
     ``segmentation.nii.gz``, BraTS' ``<case>/<case>_flair.nii.gz`` ... + ``<case>_seg.nii.gz``).
 
@@ -522,6 +594,7 @@ def folder_cases(folder: Path, modality: str | None = None, labelled: bool = Tru
         modality: which image a case with several reads: the last word of its name after the case
             name (``flair``, ``t1``, ``t1ce``, ``t2``).
         labelled: as for :func:`flat_cases`.
+        skip_unpaired: as for :func:`flat_cases`.
 
     Raises:
         ValueError: one line naming the case folder: two labels, a label without an image, several
@@ -530,11 +603,8 @@ def folder_cases(folder: Path, modality: str | None = None, labelled: bool = Tru
     subfolders = case_folders(folder)
     if not subfolders:
         raise ValueError(f"{folder}: no case folder (a folder per case holding its image and label volumes)")
-    cases = [
-        _one_case([_name_in_folder(p, sub.name) for p in _flat_files(sub)], modality, str(sub), sub.name)
-        for sub in subfolders
-    ]
-    return _labelled(cases, folder, labelled)
+    groups = [([_name_in_folder(p, sub.name) for p in _flat_files(sub)], str(sub), sub.name) for sub in subfolders]
+    return _labelled(groups, folder, labelled, modality, skip_unpaired)
 
 
 def predict_cases(folder: Path, pair_key: str | None = None, modality: str | None = None) -> list[VolumeCase]:
@@ -559,28 +629,6 @@ def predict_cases(folder: Path, pair_key: str | None = None, modality: str | Non
         if all(name_by_key(p, key) is not None for p in flat):  # type: ignore[arg-type]
             return flat_cases(folder, pair_key, modality, labelled=False)
     return [VolumeCase(case_name(p), p) for p in files]
-
-
-def dataset_json_labels(path: Path) -> dict[int, str] | None:
-    """The classes a Decathlon or nnU-Net ``dataset.json`` lists, label value -> name (background left out).
-
-    Decathlon writes ``{"0": "background", "1": "Anterior"}``, nnU-Net v2 ``{"background": 0,
-    "Anterior": 1}``; both read. None when the file is absent.
-
-    Raises:
-        ValueError: naming the file when it is not json or its ``labels`` are neither form.
-    """
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text())["labels"]
-        if all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: name -> value
-            pairs = {int(v): str(k) for k, v in labels.items()}
-        else:
-            pairs = {int(k): str(v) for k, v in labels.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: cannot read the labels of dataset.json ({type(e).__name__}: {e})") from None
-    return {v: name for v, name in sorted(pairs.items()) if v != 0}
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -618,16 +666,21 @@ def _read_npz(path: Path, with_label: bool) -> Volume:
             if missing:
                 held = ", ".join(data.files)
                 raise ValueError(f"{path}: not a MedSAM2 npz (no {', '.join(missing)}; it holds {held})")
+            if with_label and "gts" not in data.files:
+                raise ValueError(
+                    f"{path}: no gts (the label volume) in this npz; it holds {', '.join(data.files)} (a labelled "
+                    "split needs gts; predict reads imgs alone)"
+                )
             image = data["imgs"]
-            label = data["gts"] if with_label and "gts" in data.files else None
+            label = data["gts"] if with_label else None
             spacing = tuple(float(v) for v in data["spacing"])  # (x, y, z), as SimpleITK: the reverse of imgs' axes
             origin = tuple(float(v) for v in data["origin"]) if "origin" in data.files else (0.0, 0.0, 0.0)
             identity = Geometry((1.0, 1.0, 1.0)).direction
             direction = tuple(float(v) for v in data["direction"]) if "direction" in data.files else identity
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         if str(e).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: cannot read npz ({e})") from None
+        raise ValueError(f"{path}: cannot read npz ({e}; a truncated or damaged file?)") from None
     if image.ndim != 3:
         raise ValueError(f"{path}: imgs has shape {image.shape}; a MedSAM2 volume is (D, H, W)")
     if len(spacing) != 3 or len(origin) != 3 or len(direction) != 9:
@@ -652,21 +705,59 @@ def read_volume(case: VolumeCase, label_values: list[int] | None = None) -> Volu
         label_path = case.image
     else:
         image = _sitk_read(case.image)
-        volume = Volume(sitk.GetArrayFromImage(image), None, _geometry_of(image, case.image))
+        volume = Volume(_as_stored(image, case.image), None, _geometry_of(image, case.image))
         label_path = case.label
         if case.label is not None:
             label = _sitk_read(case.label)
             label_geometry = _geometry_of(label, case.label)
-            volume.label = sitk.GetArrayFromImage(label)
+            volume.label = _as_stored(label, case.label)
             differs = volume.geometry.differs(label_geometry)
             if differs and volume.label.shape == volume.image.shape:
                 raise ValueError(
                     f"{case.label}: the label's geometry differs from its image {case.image.name} ({differs}); "
                     "resample the label onto the image grid"
                 )
+    _check_image(volume.image, case.image)
     if volume.label is not None:
         volume.label = _check_label(volume.label, volume.image.shape, label_path, label_values)
     return volume
+
+
+def _as_stored(image: sitk.Image, path: Path) -> np.ndarray:
+    """The voxels of ``image`` read from ``path``, NIfTI's checked as stored (:mod:`segtune.data.volume_checks`):
+    a truncated file stops, and the non-finite voxels the library returned as 0 are NaN again."""
+    array = sitk.GetArrayFromImage(image)
+    if is_nifti(path):
+        found = nonfinite_voxels(path)
+        if len(found) and np.issubdtype(array.dtype, np.floating) and found[-1] < array.size:
+            array.reshape(-1)[found] = np.nan
+    return array
+
+
+#: Files already warned about in this process (a volume read again each epoch warns once).
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: Path, what: str, message: str, *args: object) -> None:
+    if (str(path), what) not in _warned:
+        _warned.add((str(path), what))
+        log.warning(message, path, *args)
+
+
+def _check_image(image: np.ndarray, path: Path) -> None:
+    """Warn (once per file) about non-finite voxels and a constant image; both still train, but not as the
+    user expects."""
+    values = image
+    if np.issubdtype(image.dtype, np.floating):
+        finite = np.isfinite(image)
+        bad = image.size - int(np.count_nonzero(finite))
+        if bad:
+            _warn_once(path, "nonfinite", "%s: %d of %d voxels are NaN or infinite; they take the image's lowest "
+                       "finite value (mask or fill them to choose another)", bad, image.size)  # fmt: skip
+            values = image[finite]
+    if not values.size or values.min() == values.max():
+        _warn_once(path, "constant", "%s: every voxel is %s: a constant image shows the model nothing "
+                   "(a failed conversion or export?)", values.min() if values.size else "NaN")  # fmt: skip
 
 
 def _check_label(label: np.ndarray, shape: tuple[int, ...], path: Path | None, allowed: list[int] | None) -> np.ndarray:
@@ -676,6 +767,11 @@ def _check_label(label: np.ndarray, shape: tuple[int, ...], path: Path | None, a
             f"{path}: label volume is {x}x{y}x{z} (x, y, z) but its image is {shape[2]}x{shape[1]}x{shape[0]}"
         )
     if not np.issubdtype(label.dtype, np.integer):
+        if not np.isfinite(label).all():
+            bad = int(np.count_nonzero(~np.isfinite(label)))
+            raise ValueError(
+                f"{path}: label volume holds {bad} NaN or infinite voxels; labels are class numbers 0, 1, 2, ..."
+            )
         rounded = np.rint(label)
         if not np.array_equal(rounded, label):
             raise ValueError(f"{path}: label volume holds non-integer values; labels are class numbers 0, 1, 2, ...")

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from segtune.data.volumes import VolumeCase
+from segtune.data.volumes import VolumeCase, volume_header
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +39,6 @@ def available_memory() -> int | None:
         return None
 
 
-def volume_voxels(path: Path) -> int | None:
-    """The voxel count of a volume file from its header (npz: ``imgs``' array header); None when unreadable
-    (reading the volume later names the problem)."""
-    try:
-        if path.suffix.lower() == ".npz":
-            with zipfile.ZipFile(path) as archive, archive.open("imgs.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape = read(f)[0]
-            return int(np.prod(shape, dtype=np.int64))
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        return int(np.prod(reader.GetSize(), dtype=np.int64))
-    except (OSError, RuntimeError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
 def automatic_cache_mib(cases: Sequence[VolumeCase], where: str, available: int | None = None) -> int:
     """The volume cache's MiB for ``cases``: all of them, or a quarter of the available memory; said at INFO.
 
@@ -68,8 +47,8 @@ def automatic_cache_mib(cases: Sequence[VolumeCase], where: str, available: int 
         where: the split, for the log line.
         available: bytes available (tests); None: :func:`available_memory`.
     """
-    counts = [volume_voxels(c.image) for c in cases]
-    sizes = [n * BYTES_PER_VOXEL for n in counts if n is not None]
+    headers = [volume_header(c.image) for c in cases]  # None: unreadable (reading the case names the problem)
+    sizes = [int(np.prod(h[0], dtype=np.int64)) * BYTES_PER_VOXEL for h in headers if h is not None]
     need = sum(sizes)
     available = available_memory() if available is None else available
     allowed = int(available * SHARE) if available is not None else need

@@ -647,6 +647,44 @@ def _sitk_read(path: Path) -> sitk.Image:
         raise ValueError(f"{path}: cannot read volume ({_first_line(e)})") from None
 
 
+def volume_header(path: Path) -> tuple[tuple[int, int, int], Geometry] | None:
+    """A volume file's ``(z, y, x)`` array shape and geometry from its header, without reading its voxels.
+
+    None when the header does not read as a 3D single-channel volume: reading the case names that problem
+    (:func:`segtune.data.volumes.read_volume`).
+    """
+    if path.suffix.lower() == ".npz":
+        return _npz_header(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        return None
+    x, y, z = reader.GetSize()
+    return (z, y, x), Geometry(tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))  # type: ignore[arg-type]
+
+
+def _npz_header(path: Path) -> tuple[tuple[int, int, int], Geometry] | None:
+    # the shape from imgs.npy's header inside the zip: loading imgs would read the whole volume a first time
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("imgs.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape = read_header(f)[0]
+        with np.load(path, allow_pickle=False) as data:
+            spacing = tuple(float(v) for v in data["spacing"])  # (x, y, z), as SimpleITK
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    if len(shape) != 3 or len(spacing) != 3:
+        return None
+    return tuple(int(n) for n in shape), Geometry(spacing)  # type: ignore[return-value,arg-type]
+
+
 def _geometry_of(image: sitk.Image, path: Path) -> Geometry:
     if image.GetDimension() != 3:
         raise ValueError(

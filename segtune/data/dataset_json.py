@@ -9,11 +9,11 @@ malformed stops with one line naming the file and the field.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from segtune.data.coco import read_json
 from segtune.data.volumes import case_name
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,7 @@ def read_dataset_json(path: Path) -> DatasetJson | None:
     """
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid json ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a dataset.json is a json object (with labels, training, ...)")
+    data = read_json(path)
     count = data.get("numTraining")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
         raise _field_error(path, "numTraining", f"is {count!r}; it counts the training cases")

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import PeftModel
 
+from segtune.click_scores import click_rounds_of, click_score_names, click_summary, click_table, flatter_than_untuned
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
 from segtune.files import output_folder, read_checkpoint_file, write_atomically
@@ -40,6 +41,7 @@ from segtune.reports import (
 )
 from segtune.visualise import (
     ScoredImage,
+    click_curve_figure,
     figure_to_array,
     instance_index_mask,
     overlay,
@@ -343,13 +345,25 @@ class TestReport(Callback):
         report = summarise(rows, *self.layout)
         if self._untuned_model is not None:
             report["untuned"] = untuned_summary(untuned_rows, rows, *self.layout)
+        rounds = click_rounds_of(self.layout[0])
+        if rounds:  # model.init_args.clicks: the Dice curve over the clicks
+            report["clicks"] = click_summary(report, rounds)
+            report["clicks"]["warning"] = flatter_than_untuned(report, rounds)
         folder = run_folder(trainer)
         json_path, csv_path = write_test_report(report, folder)
         written = f"{json_path}, {csv_path}"
         if self.picture and self.layout[1] == "image":  # its distributions are of instance Dice
             figure = test_report_figure(rows, [_scored_image(trainer, pl_module, im) for im in worst])
             written += f" and {save_figure(figure, folder / 'test_report.png')}"
-        table = summary_table(report) + (f"\n\n{untuned_table(report)}" if "untuned" in report else "")
+        clicked = click_score_names(rounds)
+        table = summary_table(report, scores=[s for s in self.layout[0] if s not in clicked])
+        table += f"\n\n{untuned_table(report)}" if "untuned" in report else ""
+        if rounds:  # the Dice after each click, its curve, and whether fine-tuning flattened it
+            table += f"\n\n{click_table(report, rounds)}"
+            if self.picture:
+                written += f" and {save_figure(click_curve_figure(report['clicks']), folder / 'test_clicks.png')}"
+            if report["clicks"]["warning"]:
+                log.warning(report["clicks"]["warning"])
         print(f"\n{table}\nTest report: {written}")
         self.worst = []
 

@@ -8,7 +8,7 @@ returns; nothing here knows about Lightning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -49,16 +49,19 @@ class InstanceScores:
         iou: IoU of the predicted mask against the ground truth.
         box_dice: Dice of the filled box prompt (the floor a model must beat).
         box_iou: IoU of the filled box prompt.
+        extra: more ``[N]`` scores by name: the click curve's (:func:`segtune.click_scores.curve_scores`)
+            when the evaluation runs click rounds; empty otherwise.
     """
 
     dice: torch.Tensor
     iou: torch.Tensor
     box_dice: torch.Tensor
     box_iou: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        """The scores by metric name (``dice``, ``iou``, ``box_dice``, ``box_iou``)."""
-        return {"dice": self.dice, "iou": self.iou, "box_dice": self.box_dice, "box_iou": self.box_iou}
+        """The scores by metric name (``dice``, ``iou``, ``box_dice``, ``box_iou``, then :attr:`extra`'s)."""
+        return {"dice": self.dice, "iou": self.iou, "box_dice": self.box_dice, "box_iou": self.box_iou, **self.extra}
 
 
 def best_masks(pred_masks: torch.Tensor, iou_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ def instance_rows(
     """One row per instance of one image: its class, Dice, IoU, box-floor Dice and predicted IoU.
 
     The scores are the ones the test metrics accumulated (:func:`segtune.postprocess.score_instances`);
-    an instance they exclude (NaN) has ``None`` scores, left out of the means.
+    an instance they exclude (NaN) has ``None`` scores, left out of the means. The scores' ``extra`` (the
+    click curve's) follow as more columns.
     """
     dice, iou, box = (
         [None if math.isnan(v) else v for v in t.tolist()] for t in (scores.dice, scores.iou, scores.box_dice)
     )
+    extra = {name: [None if math.isnan(v) else v for v in t.tolist()] for name, t in scores.extra.items()}
     return [
         {
             "image_id": image_id,
@@ -44,6 +47,7 @@ def instance_rows(
             "iou": iou[k],
             "box_dice": box[k],
             "predicted_iou": float(predicted_iou[k]),
+            **{name: values[k] for name, values in extra.items()},
         }
         for k, c in enumerate(classes.tolist())
     ]
@@ -116,9 +120,15 @@ def write_test_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]
     return json_path, csv_path
 
 
-def summary_table(report: dict[str, Any], worst: int = 3) -> str:
-    """A short text table: overall, each class, and the images (cases) with the lowest Dice."""
-    scores = report.get("scores", list(IMAGE_SCORES))
+def summary_table(report: dict[str, Any], worst: int = 3, scores: Sequence[str] | None = None) -> str:
+    """A short text table: overall, each class, and the images (cases) with the lowest Dice.
+
+    Args:
+        report: :func:`summarise`'s report.
+        worst: how many of the lowest-Dice images (cases) to list.
+        scores: the columns (default: every score of the report).
+    """
+    scores = list(scores or report.get("scores", list(IMAGE_SCORES)))
     unit = report.get("unit", "image")
     widths = [max(7, len(k)) for k in scores]
     rows_name = "instances" if unit == "image" else "rows"

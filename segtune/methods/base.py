@@ -21,6 +21,8 @@ from torchmetrics import MetricCollection
 from transformers import PreTrainedModel
 
 from segtune.amg import AutoMaskConfig, AutoMaskGenerator
+from segtune.click_rounds import ClickScoring, click_curves
+from segtune.click_scores import click_score_names, curve_scores
 from segtune.data.batch import Batch
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AMG = AutoMaskConfig()
 DEFAULT_VOLUME_SCORING = VolumeScoring()
+DEFAULT_CLICK_SCORING = ClickScoring()
 
 
 class SegmentationModule(LightningModule):
@@ -89,6 +92,13 @@ class SegmentationModule(LightningModule):
             given without ``data.predict_prompts`` (see :class:`segtune.amg.AutoMaskConfig`).
         volume_scoring: how volumetric data (``layout: volumes``) are scored and predicted: box or
             (SAM2 family) memory propagation, NSD tolerance (see :class:`segtune.volume_scoring.VolumeScoring`).
+        clicks: corrective click rounds in validation and test (2D images; 0: none, as before). Each
+            instance starts from its first prompt; each round adds a click where its mask is wrong and calls
+            the model with the first prompt, every click so far and the previous mask logits. Dice and IoU
+            after each click, the curve's AUC, gain and NoC@85/90 are logged and reported
+            (:mod:`segtune.click_rounds`, :mod:`segtune.click_scores`).
+        click_scoring: where clicks go and whether the previous mask is fed back
+            (:class:`segtune.click_rounds.ClickScoring`).
     """
 
     #: LoRA and QLoRA store only trainable weights; the frozen base is rebuilt from ``model``.
@@ -116,6 +126,8 @@ class SegmentationModule(LightningModule):
         empty_target: EmptyTarget = "exclude",
         amg: AutoMaskConfig = DEFAULT_AMG,
         volume_scoring: VolumeScoring = DEFAULT_VOLUME_SCORING,
+        clicks: int = 0,
+        click_scoring: ClickScoring = DEFAULT_CLICK_SCORING,
     ) -> None:
         super().__init__()
         # AdamW would find these only after the run folder is made, in a message that names no option
@@ -123,14 +135,17 @@ class SegmentationModule(LightningModule):
             ("lr", lr, lr > 0, "> 0"),
             ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
             ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+            ("clicks", clicks, isinstance(clicks, int) and clicks >= 0, "an integer >= 0"),
         ):
             if not ok:
                 raise ValueError(f"model.init_args.{key} must be {need}, got {value}")
-        # amg and volume_scoring are how predict and scoring run, not part of the trained model:
+        # amg, volume_scoring and the clicks are how predict and scoring run, not part of the trained model:
         # a checkpoint does not carry them
-        self.save_hyperparameters(ignore=["amg", "volume_scoring"])
+        self.save_hyperparameters(ignore=["amg", "volume_scoring", "clicks", "click_scoring"])
         self.amg = amg
         self.volume_scoring = volume_scoring
+        self.clicks = clicks
+        self.click_scoring = click_scoring
         self.stop_choice = StopChoice()
         self.chosen_stop: StopRule | None = None  # box2d: chosen at each validation, kept in checkpoints
         self.automatic_masks = False
@@ -192,7 +207,12 @@ class SegmentationModule(LightningModule):
         self.intensity = getattr(datamodule, "intensity", None) or IntensityPolicy()
         # volumes are scored per case and class (segtune.volume_scoring), images per instance
         volumetric = bool(getattr(datamodule, "volumetric", False))
-        self.evaluation_scores = VOLUME_SCORES if volumetric else SCORES
+        if volumetric and self.clicks:
+            raise ValueError(
+                "model.init_args.clicks scores 2D images; volumes (layout: volumes) are not scored with clicks yet: "
+                "set model.init_args.clicks: 0"
+            )
+        self.evaluation_scores = VOLUME_SCORES if volumetric else (*SCORES, *click_score_names(self.clicks))
         self.evaluation_unit = "case" if volumetric else "image"
         self.val_metrics = self.evaluation_metrics("val_")
         self.test_metrics = self.evaluation_metrics("test_")
@@ -261,9 +281,21 @@ class SegmentationModule(LightningModule):
         The one path from a batch to scores: validation, test and the untuned model's scores
         (:mod:`segtune.untuned`) all go through it.
         """
-        out = self(batch)
+        if not self.clicks:
+            out = self(batch)
+            predicted = predictions(out, batch, self.preprocessing)
+            return out, predicted, score_batch(predicted, batch, self.hparams.empty_target)
+        # click rounds re-run the prompt encoder and mask decoder alone: the image is encoded once
+        encoded = self.encode(batch)
+        out = self.forward_encoded(batch, encoded)
         predicted = predictions(out, batch, self.preprocessing)
-        return out, predicted, score_batch(predicted, batch, self.hparams.empty_target)
+        scores = score_batch(predicted, batch, self.hparams.empty_target)
+        curves = click_curves(
+            self, batch, encoded, out, predicted, self.clicks, self.click_scoring, self.hparams.empty_target
+        )
+        for image_scores, curve in zip(scores, curves, strict=True):
+            image_scores.extra = curve_scores(curve.dice, curve.iou)
+        return out, predicted, scores
 
     def evaluation_metrics(self, prefix: str) -> MetricCollection:
         """The metrics of one evaluation (``val_``, ``test_``, or the untuned model's ``untuned_val_``): each of
@@ -313,7 +345,10 @@ class SegmentationModule(LightningModule):
         model is the base's; full fine-tunes get the pretrained weights. ``self`` is not touched.
         """
         args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path
-        module = type(self)(**args, amg=self.amg, volume_scoring=self.volume_scoring)
+        module = type(self)(
+            **args, amg=self.amg, volume_scoring=self.volume_scoring, clicks=self.clicks,
+            click_scoring=self.click_scoring,
+        )  # fmt: skip
         module.configure_model()
         module.class_names = list(self.class_names)
         return module.eval()
@@ -331,7 +366,7 @@ class SegmentationModule(LightningModule):
         # For callbacks (test report, validation pictures, the untuned comparison): the same scores, never
         # recomputed, and the report rows made of them (as volumes' steps return theirs)
         return {"predictions": predicted, "scores": scores, "report_rows": self._image_rows(batch, predicted, scores),
-                "report_scores": IMAGE_SCORES, "report_unit": "image"}  # fmt: skip
+                "report_scores": (*IMAGE_SCORES, *click_score_names(self.clicks)), "report_unit": "image"}  # fmt: skip
 
     def _log_metrics(self, stage: str) -> None:
         collection = getattr(self, f"{stage}_metrics")

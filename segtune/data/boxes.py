@@ -1,4 +1,5 @@
-"""Prompts for ``segtune predict`` on a folder of images: a boxes json or a points json (not COCO)."""
+"""Prompts for ``segtune predict`` on a folder of images: a boxes json, a points json, or an objects json
+(a box with positive and negative points for one object, as a user refining a mask gives them); not COCO."""
 
 from __future__ import annotations
 
@@ -173,3 +174,112 @@ def points_records(json_path: Path, image_dir: Path, data: dict | None = None) -
     if unprompted:
         log.warning("%s: %d images in %s have no point and get no prompt", json_path, unprompted, image_dir)
     return RecordSet(records, [1])
+
+
+#: The keys of one object of an objects json.
+OBJECT_KEYS = ("box", "points", "label")
+
+
+def is_objects_json(data: dict) -> bool:
+    """Whether a prompts json holds objects (``{"box": ..., "points": ...}`` dicts) rather than bare boxes or points."""
+    for entry in data.values():
+        if isinstance(entry, list) and entry:
+            return isinstance(entry[0], dict)
+    return False
+
+
+def _parse_box(json_path: Path, path: Path, item: object) -> list[float]:
+    try:
+        box = [float(v) for v in item]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        box = []
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f'{json_path}: entry {path.stem!r}: "box" {item!r} is not an [x0, y0, x1, y1] box')
+    _check_coordinates(json_path, path, item, box[0::2], box[1::2], "boxes [x0, y0, x1, y1]")
+    return box
+
+
+def _parse_points(json_path: Path, path: Path, points: object) -> list[list[float]]:
+    try:
+        rows = [[float(v) for v in p] for p in points]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        rows = []
+    if not rows or any(len(r) != 3 or r[2] not in (0.0, 1.0) for r in rows):
+        raise ValueError(
+            f'{json_path}: entry {path.stem!r}: "points" {points!r} is not a list of [x, y, label] points '
+            "(label 1 positive, 0 negative)"
+        )
+    for row in rows:
+        _check_coordinates(json_path, path, row, [row[0]], [row[1]], "points [x, y, label]")
+    return rows
+
+
+def objects_records(json_path: Path, image_dir: Path, class_names: list[str], data: dict | None = None) -> RecordSet:
+    """Predict records for every image in ``image_dir``, with one prompt per object from an objects json.
+
+    The json maps a file name or stem to a list of objects, each
+    ``{"box": [x0, y0, x1, y1], "points": [[x, y, label], ...], "label": "<class>"}``: the box and the
+    positive (label 1) and negative (0) points prompt that one object together, as a user who draws a
+    box and then clicks where the mask is wrong. ``points`` and ``label`` are optional; ``box`` is given
+    for every object of the file or for none (then the points alone prompt). Objects with fewer points
+    than the file's most are padded with SAM's "not a point" label (-10). A label that names a class
+    gives that class; otherwise class 0. Images the json does not name get no prompt (logged).
+
+    Raises:
+        ValueError: in one line naming the file and the entry: an object that is not a dict, a misspelt key,
+            a malformed or out-of-image box or point, an object with neither, or boxes on some objects only.
+    """
+    data = read_json(json_path) if data is None else data
+    parsed: list[tuple[Path, list[tuple[list[float] | None, list[list[float]], int]]]] = []
+    boxed: tuple[str, bool] | None = None  # the first object's (entry, has a box): the others must agree
+    for path, entry in _entries(json_path, image_dir, data):
+        entry = entry or []
+        if not isinstance(entry, list):
+            raise ValueError(f'{json_path}: entry {path.stem!r}: expected a list of objects {{"box", "points"}}')
+        objects = []
+        for item in entry:
+            if not isinstance(item, dict):
+                raise ValueError(
+                    f"{json_path}: entry {path.stem!r}: {item!r} is not an object "
+                    '{"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}'
+                )
+            unknown = sorted(set(item) - set(OBJECT_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"{json_path}: entry {path.stem!r}: unknown key {unknown[0]!r} in {item!r}; an object has "
+                    f"{', '.join(OBJECT_KEYS)}"
+                )
+            if "box" not in item and "points" not in item:
+                raise ValueError(f'{json_path}: entry {path.stem!r}: {item!r} has neither "box" nor "points"')
+            box = _parse_box(json_path, path, item["box"]) if "box" in item else None
+            points = _parse_points(json_path, path, item["points"]) if "points" in item else []
+            if boxed is None:
+                boxed = (path.stem, box is not None)
+            elif boxed[1] != (box is not None):
+                raise ValueError(
+                    f'{json_path}: entry {path.stem!r}: {item!r} {"has no" if boxed[1] else "has a"} "box" where '
+                    f"entry {boxed[0]!r}'s objects {'have' if boxed[1] else 'have none'}: give a box to every object "
+                    "of the file or to none (one batch holds one kind of prompt)"
+                )
+            label = item.get("label")
+            objects.append((box, points, class_names.index(label) if label in class_names else 0))
+        parsed.append((path, objects))
+    longest = max((len(points) for _, objects in parsed for _, points, _ in objects), default=0)
+    records, unprompted = [], 0
+    for i, (path, objects) in enumerate(parsed):
+        boxes = None
+        if boxed is None or boxed[1]:
+            boxes = np.asarray([box for box, _, _ in objects], np.float32).reshape(-1, 4)
+        points = None
+        if longest:
+            points = np.zeros((len(objects), longest, 3), np.float32)
+            points[:, :, 2] = -10  # SAM's "not a point": padding adds nothing to the prompt encoder
+            for j, (_, rows, _) in enumerate(objects):
+                if rows:
+                    points[j, : len(rows)] = rows
+        unprompted += not objects
+        classes = [c for _, _, c in objects]
+        records.append(ImageRecord(i, path, boxes=boxes, box_classes=classes, points=points))
+    if unprompted:
+        log.warning("%s: %d images in %s have no object and get no prompt", json_path, unprompted, image_dir)
+    return RecordSet(records, [i + 1 for i in range(len(class_names))])

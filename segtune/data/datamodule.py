@@ -13,7 +13,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, SequentialSampler
 
 from segtune.data.batch import collate
-from segtune.data.boxes import boxes_records, is_points_json, points_records
+from segtune.data.boxes import boxes_records, is_objects_json, is_points_json, objects_records, points_records
 from segtune.data.coco import ANNOTATION_FILE, class_names_of, coco_records, load_coco, read_json
 from segtune.data.dataset import InstanceDataset
 from segtune.data.images import image_files
@@ -95,7 +95,9 @@ class SegmentationDataModule(LightningDataModule):
             a boxes json ``{"<file name or stem>": [[x0, y0, x1, y1], ...]}`` (Kvasir's
             ``{"<stem>": {"bbox": [{"xmin": ...}, ...]}}`` also reads) or a points json
             ``{"<file name or stem>": [[x, y, label], ...]}`` (one object; label 1 positive, 0
-            negative; ``[[[x, y, label], ...], ...]`` for several objects). Without it, predict
+            negative; ``[[[x, y, label], ...], ...]`` for several objects), or an objects json
+            ``{"<file name or stem>": [{"box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}, ...]}``
+            (a box with positive and negative points for each object). Without it, predict
             finds every object by automatic mask generation (the method's ``amg`` settings).
         batch_size: images per batch (each image carries all its prompts).
         num_workers: DataLoader worker processes.
@@ -335,6 +337,8 @@ class SegmentationDataModule(LightningDataModule):
         if "annotations" in data:
             coco = load_coco(self.predict_prompts, data)
             return coco_records(coco, self.predict_prompts, self.predict_images, self.class_names)
+        if is_objects_json(data):  # a box with positive and negative points per object
+            return objects_records(self.predict_prompts, self.predict_images, self.class_names, data)
         if is_points_json(data):
             return points_records(self.predict_prompts, self.predict_images, data)
         return boxes_records(self.predict_prompts, self.predict_images, self.class_names, data)

@@ -248,7 +248,8 @@ class InstanceDataset(Dataset):
         """
         reshaped = self.pre.resized_shape(*size)
         given_points = points is not None
-        if given_points:  # no box prompt; the box metadata (no floor is scored in predict) stays empty
+        given_boxes = boxes is not None and given_points  # a box with points for one object (objects json)
+        if given_points and not given_boxes:  # no box prompt; the box metadata (no floor in predict) stays empty
             boxes = np.zeros((len(points), 4), np.float32)
         given = boxes is not None
         if given:  # no ground truth: no masks (the prompt count comes from prompt_valid)
@@ -275,6 +276,8 @@ class InstanceDataset(Dataset):
         if given_points:
             sample["input_points"] = scale_coords(torch.from_numpy(points[:, :, :2].copy()), size, reshaped)
             sample["input_labels"] = torch.from_numpy(points[:, :, 2].astype(np.int64))
+            if given_boxes:
+                sample["input_boxes"] = scale_coords(torch.from_numpy(boxes), size, reshaped)
         elif self.prompts.uses_boxes or given:  # given boxes are the only prompt predict has
             prompt_boxes = boxes
             if self.train and masks:

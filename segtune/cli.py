@@ -34,11 +34,13 @@ from segtune.models.command import models_command
 from segtune.models.convert import convert_command
 from segtune.models.loading import ModelNotFoundError, preprocessing_for
 from segtune.resume import resume_in_place
+from segtune.tune.command import tune_command
 
 DESCRIPTION = (
     "Fine-tune SAM-family models. Also: `segtune models` (list presets, --download NAME), "
     "`segtune export --ckpt_path CKPT --output DIR [--merge | --onnx]`, `segtune compare --config C [--dry-run]` and "
-    "`segtune convert --checkpoint FILE --output DIR` (native SAM/SAM2/MobileSAM weights to a model folder)."
+    "`segtune convert --checkpoint FILE --output DIR` (native SAM/SAM2/MobileSAM weights to a model folder), "
+    "`segtune tune --config C --search S [--trials N]` (hyperparameter search on Optuna)."
 )
 #: The base config every Trainer subcommand starts from.
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
@@ -164,6 +166,7 @@ def main(args: list[str] | None = None) -> None:
         "export": export_command,
         "compare": compare_command,
         "convert": convert_command,
+        "tune": tune_command,
     }
     try:
         if argv and argv[0] in commands:

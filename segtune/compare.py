@@ -151,20 +151,37 @@ def check_fit_arguments(base_config: Path, methods: dict[str, dict[str, Any]], o
     decide which ``--model.init_args.*`` exist). The model is the ``sam-tiny`` preset there, so no
     hub is asked: the model name does not change which arguments parse.
     """
-    from segtune.cli import main  # segtune.cli imports this module
-
     for name, method in methods.items():
         args = ["fit", "--config", str(base_config), *_method_args(method), "--model.init_args.model", "sam-tiny"]
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            try:
-                main([*args, *overrides, "--print_config"])
-                code: Any = 0
-            except SystemExit as e:
-                code = e.code
-        if code not in (0, None):
-            return f"method {name}: {_parser_error(err.getvalue())}"
+        parsed = dry_parse([*args, *overrides])
+        if not parsed.ok:
+            return f"method {name}: {parser_error(parsed.stderr)}"
     return None
+
+
+@dataclass(frozen=True)
+class DryParse:
+    """What ``segtune <args> --print_config`` said: whether the parser accepted the arguments, the resolved
+    config it printed (YAML) and its error output."""
+
+    ok: bool
+    config: str
+    stderr: str
+
+
+def dry_parse(args: list[str]) -> DryParse:
+    """Parse ``segtune`` arguments (``fit --config ...``) in this process without running anything:
+    ``--print_config`` is added, so nothing is instantiated and no run folder is made."""
+    from segtune.cli import main  # segtune.cli imports this module
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([*args, "--print_config"])
+            code: Any = 0
+        except SystemExit as e:
+            code = e.code
+    return DryParse(code in (0, None), out.getvalue(), err.getvalue())
 
 
 def check_models(models: list[str], config: Path) -> None:
@@ -182,7 +199,7 @@ def check_models(models: list[str], config: Path) -> None:
             raise ValueError(f"{config}: models: {e}") from None
 
 
-def _parser_error(stderr: str) -> str:
+def parser_error(stderr: str) -> str:
     """jsonargparse's error on one line: its ``error:`` line and the line naming the bad option."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     start = next((i for i, ln in enumerate(lines) if ln.startswith(("error:", "segtune: error:"))), None)

@@ -11,8 +11,8 @@ about scoring.
   or the 3D box again when the previous slice came out empty. Nothing is predicted outside the range.
 - ``box2d`` (:class:`Box2D`), one box on one slice and the range unknown (a user's quickest prompt): each
   next slice is prompted with the previous slice's predicted box, until the model says the object has
-  ended (:class:`StopRule`: the model's predicted IoU, or the overlap of consecutive masks, as
-  micro-sam's ``iou_threshold``), or the mask vanishes.
+  ended (:class:`StopRule`: the model's predicted IoU, the overlap of consecutive masks, as micro-sam's
+  ``iou_threshold``, or the mask's area against the prompted slice's), or the mask vanishes.
 
 Boxes never grow from slice to slice beyond the margin: a next box is the previous mask's tight box
 grown by ``margin`` pixels (defined in the model's input frame, as LiteMedSAM's 3 px at 256, and
@@ -129,10 +129,14 @@ class StopRule:
         min_score: the model's predicted IoU of the slice's mask must reach this.
         min_overlap: the IoU of the slice's mask with the previous slice's mask must reach this (micro-sam's
             ``iou_threshold``; an object that jumps elsewhere, or a mask that balloons, fails it).
+        min_area: the slice's mask area as a fraction of the object's mask on its prompted slice must reach
+            this (a mask that has shrunk to a speck; the untuned LiteMedSAM's masks past a hippocampus
+            object's end keep a few pixels with a confident score and a steady overlap: docs/volumes.md).
     """
 
     min_score: float = 0.0
     min_overlap: float = 0.5
+    min_area: float = 0.0
 
     def __post_init__(self) -> None:
         # set only as volume_scoring.stop (a checkpoint's chosen rule comes from STOP_GRID): named by that key
@@ -140,15 +144,21 @@ class StopRule:
             (key, value, is_fraction(value), "in [0, 1]") for key, value in vars(self).items()
         ))  # fmt: skip
 
-    def keeps(self, score: float, overlap: float) -> bool:
-        """Whether a slice with this predicted IoU and overlap with the previous mask is kept."""
-        return score >= self.min_score and overlap >= self.min_overlap
+    def __str__(self) -> str:
+        return ", ".join(f"{key} {value}" for key, value in vars(self).items())
+
+    def keeps(self, step: Step) -> bool:
+        """Whether a propagated slice with what ``step`` measured is kept."""
+        return step.score >= self.min_score and step.overlap >= self.min_overlap and step.area >= self.min_area
 
 
 #: The stop rules ``box2d`` chooses among on the validation split (:func:`choose_stop`). Their loosest
 #: corner bounds how far propagation runs while the choice is being made.
 STOP_GRID: tuple[StopRule, ...] = tuple(
-    StopRule(s, o) for s, o in itertools.product((0.0, 0.5, 0.6, 0.7, 0.8, 0.9), (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
+    StopRule(s, o, a)
+    for s, o, a in itertools.product(
+        (0.0, 0.5, 0.6, 0.7, 0.8, 0.9), (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.0, 0.1, 0.15, 0.2, 0.3)
+    )
 )
 
 
@@ -161,12 +171,14 @@ class Step:
         direction: 0 for the prompted slice, +1 or -1 for the way propagation went.
         score: the model's predicted IoU.
         overlap: IoU of the mask with the previous slice's mask in that direction (1.0 on the prompted slice).
+        area: the mask's area as a fraction of the prompted slice's mask (1.0 there).
     """
 
     slice: int
     direction: int
     score: float
     overlap: float
+    area: float = 1.0
 
 
 @dataclass
@@ -189,7 +201,7 @@ class Followed:
         stopped: set[int] = set()
         out = []
         for step in self.steps:
-            if step.direction != 0 and (step.direction in stopped or not rule.keeps(step.score, step.overlap)):
+            if step.direction != 0 and (step.direction in stopped or not rule.keeps(step)):
                 stopped.add(step.direction)
                 continue
             out.append(step)
@@ -301,13 +313,14 @@ class BoxPropagation:
             return followed
         size = (shape[1], shape[2])
         firsts = self._predict(predict, [o.slice for o in objects], [o.prompt for o in objects], [None] * len(objects))
-        limits, starts, tracks = [], [], []
+        limits, starts, tracks, areas = [], [], [], []
         for i, (obj, first) in enumerate(zip(objects, firsts, strict=True)):
             present = first.mask.sum() >= self.options.min_pixels
             given = np.asarray(obj.prompt, np.float32)
             limits.append(given if given.ndim == 1 else self._points_limit(first.mask, size))
             starts.append(given if given.ndim == 1 else limits[-1])
             followed[i].steps.append(Step(obj.slice, 0, first.score, 1.0))
+            areas.append(max(float(first.mask.sum()), 1.0))
             if present:
                 followed[i].mask[obj.slice] = first.mask
             if present or self.keeps_empty(obj):
@@ -323,7 +336,9 @@ class BoxPropagation:
             outs = self._predict(predict, [t.slice for t in tracks], boxes, masks)
             going = []
             for t, out in zip(tracks, outs, strict=True):
-                step = Step(t.slice, t.direction, out.score, mask_iou(out.mask, t.previous))
+                step = Step(
+                    t.slice, t.direction, out.score, mask_iou(out.mask, t.previous), out.mask.sum() / areas[t.index]
+                )
                 followed[t.index].steps.append(step)
                 present = out.mask.sum() >= self.options.min_pixels
                 if present:
@@ -395,7 +410,7 @@ class Box2D(BoxPropagation):
     that may be chosen), and its prediction is cut at the first slice that fails ``stop``."""
 
     def goes_on(self, obj: ObjectPrompt, present: bool, step: Step) -> bool:
-        return present and self.follow.keeps(step.score, step.overlap)
+        return present and self.follow.keeps(step)
 
     def finish(self, followed: Followed) -> None:
         followed.full = followed.mask
@@ -404,7 +419,7 @@ class Box2D(BoxPropagation):
 
 def loosest(rules: Sequence[StopRule]) -> StopRule:
     """The rule that keeps every slice any of ``rules`` keeps."""
-    return StopRule(min(r.min_score for r in rules), min(r.min_overlap for r in rules))
+    return StopRule(*(min(getattr(r, key) for r in rules) for key in ("min_score", "min_overlap", "min_area")))
 
 
 def stop_counts(followed: Followed, target: np.ndarray) -> dict[StopRule, tuple[float, float]]:

@@ -125,6 +125,26 @@ def test_box2d_stops_where_consecutive_masks_stop_overlapping() -> None:
     assert np.array_equal(followed.mask, truth)
 
 
+def test_box2d_stops_where_the_mask_shrinks_to_a_speck() -> None:
+    truth = ellipsoid()
+    truth[[3, 15]] = False  # the one-voxel caps: every slice of the object is larger than the speck
+    first, last = slice_range(truth)
+
+    def specks(k: int, box: np.ndarray) -> np.ndarray:  # past the object: a confident one-pixel speck in the box
+        if truth[k].any():
+            return truth[k] & filled(box, truth.shape[1:])
+        out = np.zeros(truth.shape[1:], bool)
+        out[int(box[1]) + 1, int(box[0]) + 1] = True
+        return out
+
+    prompt = object_prompt(truth, "box2d")
+    smallest = min(truth[k].sum() for k in range(first, last + 1)) / truth[prompt.slice].sum()
+    (followed,) = Box2D(OPTIONS, StopRule(0.0, 0.0, min_area=smallest))(StandIn(specks), truth.shape, [prompt])
+    assert np.array_equal(followed.mask, truth)
+    (runaway,) = Box2D(OPTIONS, StopRule(0.0, 0.0))(StandIn(specks), truth.shape, [prompt])
+    assert runaway.mask.any(axis=(1, 2)).all()  # overlap and score alone follow the speck to the volume's ends
+
+
 def test_margins_do_not_compound() -> None:
     shape = (15, 60, 60)
     box = np.array([20, 20, 36, 30], np.float32)

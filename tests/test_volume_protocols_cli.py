@@ -30,7 +30,7 @@ def test_box2d_chooses_its_stop_rule_on_validation_and_test_uses_it(tmp_path: Pa
     logged = [r for r in metrics_rows(version) if r.get("val_stop_min_score")]
     assert len(logged) == 1
     # logged as float32: the grid's rule it names
-    chosen = StopRule(*(round(float(logged[0][f"val_stop_{k}"]), 4) for k in ("min_score", "min_overlap")))
+    chosen = StopRule(*(round(float(logged[0][f"val_stop_{k}"]), 4) for k in ("min_score", "min_overlap", "min_area")))
     assert chosen in STOP_GRID
     checkpoint = torch.load(version / "checkpoints/last.ckpt", weights_only=True)
     assert StopRule(**checkpoint["volume_stop"]) == chosen

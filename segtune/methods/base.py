@@ -23,9 +23,11 @@ from transformers import PreTrainedModel
 from segtune.amg import AutoMaskConfig, AutoMaskGenerator
 from segtune.click_rounds import ClickScoring, click_curves
 from segtune.click_scores import click_score_names, curve_scores
+from segtune.click_training import click_training_step
 from segtune.data.batch import Batch
 from segtune.data.images import read_image
 from segtune.data.intensity import IntensityPolicy, to_model_range
+from segtune.data.prompts import ClickTraining
 from segtune.files import read_checkpoint_file
 from segtune.loss import SamLoss
 from segtune.metrics import SCORES, EmptyPredictions, segmentation_metrics
@@ -154,6 +156,7 @@ class SegmentationModule(LightningModule):
         self.model: nn.Module | None = None
         self.preprocessing: Preprocessing | None = None
         self.class_names: list[str] = []
+        self.click_training = ClickTraining()
         # what an evaluation scores: per instance for images; volumes per case and class (set in setup)
         self.evaluation_scores: tuple[str, ...] = SCORES
         self.evaluation_unit = "image"
@@ -205,6 +208,8 @@ class SegmentationModule(LightningModule):
         self.class_names = list(getattr(datamodule, "class_names", None) or ["object"])
         self.automatic_masks = stage == "predict" and bool(getattr(datamodule, "automatic_masks", False))
         self.intensity = getattr(datamodule, "intensity", None) or IntensityPolicy()
+        # data.init_args.prompts.clicks: training steps after simulated click rounds (segtune.click_training)
+        self.click_training = getattr(getattr(datamodule, "prompts", None), "clicks", None) or ClickTraining()
         # volumes are scored per case and class (segtune.volume_scoring), images per instance
         volumetric = bool(getattr(datamodule, "volumetric", False))
         if volumetric and self.clicks:
@@ -254,7 +259,12 @@ class SegmentationModule(LightningModule):
         return self.loss(out.pred_masks, out.iou_scores, batch["low_res_masks"], batch["prompt_valid"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
-        losses = self._loss(self(batch), batch)
+        if self.click_training.rounds:  # the loss on the prompts of a randomly drawn click round
+            out, targets, valid, rounds = click_training_step(self, batch, self.click_training)
+            losses = self.loss(out.pred_masks, out.iou_scores, targets, valid)
+            self.log("train_click_round", float(rounds), batch_size=len(batch["image_ids"]))
+        else:
+            losses = self._loss(self(batch), batch)
         if not torch.isfinite(losses["loss"]):
             return self._nonfinite(losses["loss"], batch)
         n = len(batch["image_ids"])
@@ -417,7 +427,7 @@ class SegmentationModule(LightningModule):
         if chosen is not None and not self.trainer.sanity_checking:
             # box2d: the stop rule chosen on this validation is used from now on and kept in the checkpoint
             self.chosen_stop = chosen
-            self.log_dict({"val_stop_min_score": chosen.min_score, "val_stop_min_overlap": chosen.min_overlap})
+            self.log_dict({f"val_stop_{key}": value for key, value in asdict(chosen).items()})
 
     def on_test_start(self) -> None:
         self.choose_stop_for_test(self.trainer.datamodule)
@@ -438,10 +448,7 @@ class SegmentationModule(LightningModule):
             log.info("box2d: no validation volumes to choose a stop rule on; volume_scoring.stop is used")
             return
         self.chosen_stop = chosen
-        log.info(
-            "box2d stop rule chosen on the validation split: min_score %s, min_overlap %s",
-            chosen.min_score, chosen.min_overlap,
-        )  # fmt: skip
+        log.info("box2d stop rule chosen on the validation split: %s", chosen)
 
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         return self._evaluate(batch, "test")
@@ -515,10 +522,7 @@ class SegmentationModule(LightningModule):
         if "volume_stop" in checkpoint:  # box2d's stop rule, chosen on the validation split of this fit
             self.chosen_stop = StopRule(**checkpoint["volume_stop"])
             if self.volume_scoring.prompt == "box2d":
-                log.info(
-                    "box2d stop rule chosen on the validation split of the checkpoint's fit: min_score %s, "
-                    "min_overlap %s", self.chosen_stop.min_score, self.chosen_stop.min_overlap,
-                )  # fmt: skip
+                log.info("box2d stop rule chosen on the validation split of the checkpoint's fit: %s", self.chosen_stop)
         if not self.trainable_only_checkpoint:
             return
         own = self.state_dict()

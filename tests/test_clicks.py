@@ -332,3 +332,63 @@ def test_a_bad_objects_json_stops_in_one_line_naming_the_file_and_entry(
     with pytest.raises(ValueError, match=message) as raised:
         objects_records(path, shapes_root / "test", ["cross", "star"])
     assert str(raised.value).startswith(f"{path}: entry {Path(name).stem!r}: ") and "\n" not in str(raised.value)
+
+
+# --- training with click rounds ---------------------------------------------------------------------------------
+class Recording:
+    """Wraps a module's ``forward_encoded`` to record the prompts of each call."""
+
+    def __init__(self, module: Any) -> None:
+        self.module, self.calls = module, []
+        self.preprocessing, self.sanitise, self.encode = module.preprocessing, module.sanitise, module.encode
+
+    def forward_encoded(self, batch: dict[str, Any], encoded: list[torch.Tensor]) -> Any:
+        self.calls.append({k: v for k, v in batch.items() if k.startswith("input_")})
+        return self.module.forward_encoded(batch, encoded)
+
+
+def test_click_training_takes_the_loss_on_a_drawn_rounds_prompts_and_changes_the_decoder(shapes_root: Path) -> None:
+    from segtune.click_training import click_training_step
+    from segtune.data.datamodule import SegmentationDataModule
+    from segtune.data.prompts import ClickTraining
+    from segtune.methods import DecoderOnly
+
+    torch.manual_seed(0)
+    module = DecoderOnly(model="sam-tiny", embedding_cache="off")
+    module.configure_model()
+    dm = SegmentationDataModule(shapes_root, preprocessing=module.preprocessing, batch_size=2)
+    dm.setup("fit")
+    batch = dm.train_dataloader().collate_fn([dm.datasets["fit"][0], dm.datasets["fit"][1]])
+    prompts = int(batch["prompt_valid"].sum())
+    recorded = Recording(module)
+    # a seed whose first draw is round 3: two rounds without gradient, the third with it
+    seed = next(s for s in range(50) if int(torch.randint(0, 4, (1,), generator=torch.Generator().manual_seed(s))) == 3)
+    generator = torch.Generator().manual_seed(seed)
+    out, targets, valid, rounds = click_training_step(recorded, batch, ClickTraining(rounds=3), generator)
+    assert rounds == 3 and len(recorded.calls) == 4  # the first prompts, then rounds 1, 2 and 3
+    assert "input_masks" not in recorded.calls[0]
+    for r, call in enumerate(recorded.calls[1:], start=1):  # every click so far, the previous logits
+        assert call["input_points"].shape == (prompts, 1, r, 2) and call["input_masks"].shape[:2] == (prompts, 1)
+        assert torch.equal(call["input_boxes"][:, 0], batch["input_boxes"][batch["prompt_valid"]])
+    assert torch.equal(recorded.calls[3]["input_points"][:, :, :2], recorded.calls[2]["input_points"])
+    assert out.pred_masks.shape[:2] == (prompts, 1) and targets.shape[:2] == (prompts, 1) and valid.all()
+    losses = module.loss(out.pred_masks, out.iou_scores, targets, valid)
+    losses["loss"].backward()
+    decoder = [p for n, p in module.named_parameters() if p.requires_grad]
+    assert decoder and all(p.grad is not None for p in decoder)  # the drawn round's loss reaches the decoder
+    # one step on click prompts moves the decoder: its output on a click prompt changes
+    clicked = {**recorded.calls[3], "prompt_valid": valid}
+    with torch.no_grad():
+        rows = [level[batch["prompt_valid"].nonzero()[:, 0]] for level in module.encode(batch)]
+        before = module.forward_encoded(clicked, rows).pred_masks
+        torch.optim.SGD(decoder, lr=0.1).step()
+        assert not torch.allclose(before, module.forward_encoded(clicked, rows).pred_masks)
+
+
+def test_click_training_options_are_checked_in_one_line() -> None:
+    from segtune.data.prompts import ClickTraining
+
+    with pytest.raises(ValueError, match=r"data.init_args.prompts.clicks.rounds must be an integer >= 0, got -1"):
+        ClickTraining(rounds=-1)
+    with pytest.raises(ValueError, match="data.init_args.prompts.clicks.rule must be one of center, random"):
+        ClickTraining(rule="edge")  # type: ignore[arg-type]

@@ -8,6 +8,37 @@ from typing import Literal
 
 import numpy as np
 
+from segtune.clicks import CLICK_RULES, ClickRule
+
+
+@dataclass(frozen=True)
+class ClickTraining:
+    """Training with corrective clicks (micro-sam's and SAM-Med2D's recipe; :mod:`segtune.click_training`).
+
+    Each training step draws a round ``r`` uniformly from 0 to ``rounds``; the model's own predictions,
+    without gradient, get ``r`` simulated clicks one round after another (each round the first prompt,
+    every click so far and, with ``mask_input``, the previous mask logits); the loss is taken on round
+    ``r``'s prompts alone (round 0: the first prompt, as without clicks).
+
+    Args:
+        rounds: the most click rounds a step simulates (0: off, as before).
+        rule: where a click goes (:data:`segtune.clicks.ClickRule`): ``"random"`` error pixel (micro-sam,
+            SAM-Med2D) or ``"center"`` of the largest error region.
+        mask_input: feed the previous round's mask logits back as the mask prompt.
+    """
+
+    rounds: int = 0
+    rule: ClickRule = "random"
+    mask_input: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"data.init_args.prompts.clicks.rounds must be an integer >= 0, got {self.rounds!r}")
+        if self.rule not in CLICK_RULES:
+            raise ValueError(
+                f"data.init_args.prompts.clicks.rule must be one of {', '.join(CLICK_RULES)}, got {self.rule!r}"
+            )
+
 
 @dataclass(frozen=True)
 class PromptConfig:
@@ -23,6 +54,7 @@ class PromptConfig:
         negative_points: points sampled outside the mask, inside the box grown by 10 %.
         max_instances: prompts per image in a training step (instances are sampled); validation and
             test use every instance.
+        clicks: training with corrective click rounds (:class:`ClickTraining`; ``rounds: 0``: off).
     """
 
     kind: Literal["box", "points", "box+points"] = "box"
@@ -31,6 +63,7 @@ class PromptConfig:
     positive_points: int = 1
     negative_points: int = 0
     max_instances: int = 8
+    clicks: ClickTraining = ClickTraining()
 
     def __post_init__(self) -> None:
         # each of these would train without a word: no prompt at all, or no jitter where some was asked for

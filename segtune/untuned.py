@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from segtune.callbacks import gather, run_folder, save_as_candidate
+from segtune.click_scores import click_rounds_of, flatter_than_untuned
 from segtune.files import write_atomically
 from segtune.paired import paired_rows
 from segtune.reports import compared_scores
@@ -217,7 +218,30 @@ class UntunedScore(Callback):
         print(summary["line"])
         if summary["warning"]:
             log.warning(summary["warning"])
+        summary["click_warning"] = self.flatter_clicks()
+        if summary["click_warning"]:  # model.init_args.clicks during validation: the best epoch's click curve
+            log.warning("best epoch: %s", summary["click_warning"])
         _write_json(run_folder(trainer) / UNTUNED_FILE, {k: v for k, v in summary.items() if k != "line"})
+
+    def flatter_clicks(self) -> str | None:
+        """A warning when the best epoch gains less Dice from its clicks than the untuned model on the same
+        validation instances (``model.init_args.clicks`` > 0; :func:`segtune.click_scores.flatter_than_untuned`)."""
+        if not self.untuned or self.best is None or not self.untuned["rows"]:
+            return None
+        rounds = click_rounds_of(list(self.untuned["rows"][0]))
+        if not rounds:
+            return None
+
+        def gain(rows: list[dict[str, Any]]) -> float | None:
+            values = [r["click_gain"] for r in rows if r.get("click_gain") is not None]
+            return sum(values) / len(values) if values else None
+
+        paired = paired_rows(self.untuned["rows"], self.best["rows"], "click_gain", self.seed)
+        report = {
+            "overall": {"click_gain": gain(self.best["rows"])},
+            "untuned": {"overall": {"click_gain": gain(self.untuned["rows"])}, "difference": {"click_gain": paired}},
+        }
+        return flatter_than_untuned(report, rounds)
 
     def summary(self, monitor: str | None, mode: str, best_checkpoint: str = "") -> dict[str, Any] | None:
         """The comparison of the best epoch with the untuned model by ``monitor``, or ``None`` when

@@ -392,3 +392,19 @@ def test_click_training_options_are_checked_in_one_line() -> None:
         ClickTraining(rounds=-1)
     with pytest.raises(ValueError, match="data.init_args.prompts.clicks.rule must be one of center, random"):
         ClickTraining(rule="edge")  # type: ignore[arg-type]
+
+
+def test_a_fit_whose_best_epoch_listens_less_to_clicks_is_warned_about() -> None:
+    from segtune.untuned import UntunedScore
+
+    def rows(gains: list[float]) -> list[dict[str, Any]]:
+        return [{"image_id": i, "instance": 0, "class": "a", "dice": 0.5, "dice_click_1": 0.5 + g, "click_gain": g}
+                for i, g in enumerate(gains)]  # fmt: skip
+
+    score = UntunedScore()
+    score.untuned, score.best = {"rows": rows([0.2] * 6), "metrics": {}}, {"rows": rows([0.01] * 6), "epoch": 3}
+    assert "flatter than the untuned model's: 1 clicks add +0.0100 Dice against +0.2000" in score.flatter_clicks()
+    score.best = {"rows": rows([0.3] * 6), "epoch": 3}
+    assert score.flatter_clicks() is None
+    score.untuned["rows"] = [{k: v for k, v in r.items() if "click" not in k} for r in rows([0.2])]
+    assert score.flatter_clicks() is None  # no clicks scored

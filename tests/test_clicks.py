@@ -253,6 +253,10 @@ def test_click_scoring_options_are_checked_in_one_line() -> None:
         ClickScoring(rule="middle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="click_scoring.seed"):
         ClickScoring(seed=-1)
+    from segtune.methods import FullFinetune
+
+    with pytest.raises(ValueError, match="model.init_args.clicks must be an integer >= 0, got -1"):
+        FullFinetune(model="sam-tiny", clicks=-1)
 
 
 # --- the CLI --------------------------------------------------------------------------------------------------

@@ -226,6 +226,18 @@ def test_segtune_litemedsam_matches_its_own_code_on_the_same_input(reference: to
     assert (out.pred_masks[0] - masks).abs().max().item() < 1e-4
     assert (out.iou_scores[0] - iou).abs().max().item() < 1e-4
     assert (masks > 0).float().mean() > 0.05  # the comparison is on a real mask, not on empty logits
+    # a click round's prompts (segtune.click_rounds): the box, a positive and a negative point, the previous logits
+    points, labels = torch.tensor([[[[120.0, 90.0], [170.0, 130.0]]]]) * resized[1] / 300, torch.tensor([[[1, 0]]])
+    previous = masks[:, :1]
+    with torch.no_grad():
+        clicked = model(image_embeddings=ours, input_boxes=box, input_points=points, input_labels=labels,
+                        input_masks=previous, multimask_output=False)  # fmt: skip
+        sparse, dense = reference.prompt_encoder(points=(points[0, 0][None], labels[0]), boxes=box[0], masks=previous)
+        masks, _ = reference.mask_decoder(
+            image_embeddings=theirs, image_pe=reference.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )  # fmt: skip
+    assert (clicked.pred_masks[0] - masks).abs().max().item() < 1e-4
 
 
 def test_frozen_batch_norm_statistics_in_training() -> None:

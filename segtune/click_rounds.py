@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 #: One-prompt images decoded per model call in a round: bounds the repeated encoder output
 #: (SAM ViT: 4 MiB an image) for images with many instances.
 ROUND_BATCH = 16
+_TOLD: set[str] = set()  # models already said to take no mask input (said once per run)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,10 @@ def click_curves(
     for k in range(len(where)):
         score(k, 0)
     mask_input = options.mask_input and "input_masks" in module.sanitise.allowed
+    if options.mask_input and not mask_input and module.sanitise.model_name not in _TOLD:
+        _TOLD.add(module.sanitise.model_name)
+        log.info("%s.forward takes no input_masks: click rounds give it the first prompt and the clicks alone",
+                 module.sanitise.model_name)  # fmt: skip
     active = list(range(len(where)))
     for r in range(1, rounds + 1):
         still = []

@@ -148,7 +148,7 @@ class OracleStandIn:
         self.targets = targets
         self.preprocessing = PRE
         allowed = {"input_boxes", "input_points", "input_labels"} | ({"input_masks"} if mask_input else set())
-        self.sanitise = SimpleNamespace(allowed=allowed)
+        self.sanitise = SimpleNamespace(allowed=allowed, model_name="OracleStandIn")
         self.calls: list[dict[str, Any]] = []
 
     def forward_encoded(self, batch: dict[str, Any], encoded: list[torch.Tensor]) -> Any:

@@ -175,12 +175,17 @@ def dry_parse(args: list[str]) -> DryParse:
     from segtune.cli import main  # segtune.cli imports this module
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([*args, "--print_config"])
-            code: Any = 0
-        except SystemExit as e:
-            code = e.code
+    saved = sys.argv
+    sys.argv = saved[:1]  # LightningCLI warns when given arguments while the command line holds others
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([*args, "--print_config"])
+                code: Any = 0
+            except SystemExit as e:
+                code = e.code
+    finally:
+        sys.argv = saved
     return DryParse(code in (0, None), out.getvalue(), err.getvalue())
 
 

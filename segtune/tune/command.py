@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,8 @@ def _optimize(study: Any, shared: Study, settings: TuneSettings) -> None:
     failures = [0]
 
     def objective(trial: Any) -> float:
+        # which process runs it: another process sharing the study (or a test) can tell whose trial it is
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
         values = shared.space.suggest(trial)
         try:
             result = run_trial(shared, trial.number, values)

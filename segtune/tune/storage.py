@@ -120,6 +120,8 @@ def open_study(name: str, storage: StorageSettings, pruner: PrunerSettings, seed
         study_name=name, storage=storage.make(), sampler=sampler, pruner=pruner.make(), direction="maximize",
         load_if_exists=True,
     )  # fmt: skip
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:  # made elsewhere: its pruner would keep the worst
+        raise ValueError(f"study {name} in {storage.url} minimises its objective; segtune tune maximises val_dice")
     fail_interrupted(study)
     return study
 

@@ -115,12 +115,15 @@ def _study_callback(callback: Any, scores: Path) -> Any:
 
 
 def trial_logger(logger: Any, folder: Path, number: int) -> dict[str, Any]:
-    """The config's CSV or TensorBoard logger (any other: a CSVLogger) writing into ``trial_<n>/version_0``."""
+    """The config's CSV or TensorBoard logger (any other: a CSVLogger) writing into ``<folder>/trial_<n>/version_0``."""
     kept = logger if isinstance(logger, dict) and logger.get("class_path") in LOGGERS else None
     if kept is None:
         log.info("trials log with a CSVLogger (the config's logger is %s)", logger)
     init = dict((kept or {}).get("init_args") or {})
-    init.update(save_dir=str(folder.resolve()), name=f"trial_{number}", version=0)
+    # version null, not 0: the trial's folder is new, so the fit takes version_0; a later `segtune test --config
+    # <trial>/version_0/config.yaml` then takes version_1 instead of reopening version_0 (CSVLogger would delete
+    # its metrics.csv)
+    init.update(save_dir=str(folder.resolve()), name=f"trial_{number}", version=None)
     return {"class_path": (kept or {}).get("class_path", LOGGERS[0]), "init_args": init}
 
 
@@ -144,7 +147,7 @@ def run_trial(study: Study, number: int, values: dict[str, Any]) -> dict[str, An
     args = ["fit", *study.arguments(number, values)]
     (folder / "command.txt").write_text("segtune " + " ".join(_quoted(a) for a in args) + "\n")
     start = time.perf_counter()
-    with open(folder / "fit.log", "w") as out, _output_to(out, ["segtune", *args]):
+    with open(folder / "fit.log", "w") as out, _output_to(out):
         try:
             main(args)
             code: Any = 0
@@ -163,17 +166,17 @@ def run_trial(study: Study, number: int, values: dict[str, Any]) -> dict[str, An
 
 
 @contextlib.contextmanager
-def _output_to(out: Any, argv: list[str]) -> Iterator[None]:
+def _output_to(out: Any) -> Iterator[None]:
     """Everything a trial's fit prints goes to ``out``: Python's streams, and Lightning's console handlers (made
-    at import with the streams of then). ``sys.argv`` is the trial's, as if fit ran alone (LightningCLI warns
-    when it is given arguments beside others on the command line)."""
+    at import with the streams of then). ``sys.argv`` holds no arguments meanwhile: LightningCLI warns when it is
+    given arguments while the command line holds others (``segtune tune``'s)."""
     handlers = [
         h for name in ("lightning.pytorch", "lightning.fabric", "lightning")
         for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler
     ]  # fmt: skip
     streams = [h.setStream(out) for h in handlers]
     saved = sys.argv
-    sys.argv = argv
+    sys.argv = saved[:1]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             yield

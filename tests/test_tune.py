@@ -1,0 +1,213 @@
+"""``segtune tune``: the search file and its one-line errors, a tiny study (a pruned trial, the report, best.yaml
+refitted), and a study shared by two processes, one of them killed with SIGKILL mid-trial."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segtune.cli import main
+from segtune.data.synthetic import write_shapes_coco
+from segtune.tune.space import load_search
+from tests.conftest import CONFIGS
+
+optuna = pytest.importorskip("optuna")
+
+QUICKSTART = CONFIGS / "quickstart.yaml"
+#: A learning rate that trains the tiny model, and one that wrecks it in its first step (val_dice 0.0 after the first
+#: epoch, where the good one scores about 0.03-0.05: the median pruner must stop it there).
+GOOD_LR, BAD_LR = 0.002, 1000.0
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two training and two validation images: a trial of the tiny model costs about a second of CPU an epoch."""
+    return write_shapes_coco(tmp_path_factory.mktemp("tune_shapes"), {"train": 2, "valid": 2, "test": 1}, seed=1)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _val_dice(run: Path) -> list[float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["val_dice"]) for r in csv.DictReader(f) if r.get("val_dice")]
+
+
+def test_search_file_reads_every_kind_and_conditional_blocks(tmp_path: Path) -> None:
+    search = _write(
+        tmp_path / "search.yaml",
+        "model.init_args.lr: {log_uniform: [1.0e-5, 1.0e-3]}\n"
+        "trainer.max_epochs: {int: [1, 4]}\n"
+        "data.init_args.prompts.box_jitter: {uniform: [0.0, 0.1]}\n"
+        "model.class_path:\n  choice:\n    segtune.methods.FullFinetune: {}\n"
+        "    segtune.methods.LoRA:\n      model.init_args.r: {choice: [4, 8]}\n"
+        "model.init_args.train_parts_like: {choice: [[a, b], [c]]}\n",
+    )
+    space = load_search(search)
+    assert space.all_keys() == [
+        "model.init_args.lr", "trainer.max_epochs", "data.init_args.prompts.box_jitter", "model.class_path",
+        "model.init_args.train_parts_like", "model.init_args.r",
+    ]  # fmt: skip
+    assert len(space.combinations()) == 2  # one per class: r only with LoRA
+    lora = space.suggest(optuna.trial.FixedTrial({
+        "model.init_args.lr": 1e-4, "trainer.max_epochs": 2, "data.init_args.prompts.box_jitter": 0.05,
+        "model.class_path": "segtune.methods.LoRA", "model.init_args.r": 8, "model.init_args.train_parts_like": '["c"]',
+    }))  # fmt: skip
+    assert lora["model.init_args.r"] == 8 and lora["model.init_args.train_parts_like"] == ["c"]  # lists as JSON
+    full = space.suggest(optuna.trial.FixedTrial({
+        "model.init_args.lr": 1e-4, "trainer.max_epochs": 2, "data.init_args.prompts.box_jitter": 0.05,
+        "model.class_path": "segtune.methods.FullFinetune", "model.init_args.train_parts_like": '["a", "b"]',
+    }))  # fmt: skip
+    assert "model.init_args.r" not in full
+
+
+BAD_SEARCH = {
+    "unknown key": ("model.init_args.nope: {uniform: [0, 1]}", "model.init_args.nope: not a key"),
+    "unknown trainer key": ("trainer.nope: {int: [1, 2]}", "trainer.nope: not a key segtune fit takes"),
+    "empty choice": ("model.init_args.mask_loss: {choice: []}", "model.init_args.mask_loss: empty choice"),
+    "inverted bounds": ("model.init_args.lr: {log_uniform: [1.0e-3, 1.0e-5]}", "model.init_args.lr: inverted bounds"),
+    "log of zero": ("model.init_args.lr: {log_uniform: [0, 1]}", "model.init_args.lr: log_uniform needs low > 0"),
+    "int of floats": ("trainer.max_epochs: {int: [1.5, 3]}", "trainer.max_epochs: int bounds must be whole"),
+    "unknown distribution": ("model.init_args.lr: {normal: [0, 1]}", "model.init_args.lr: a distribution is one of"),
+    "value refused": (
+        "model.init_args.mask_loss: {choice: [focal, dice]}",
+        "model.init_args.mask_loss: segtune fit refuses 'dice': Expected a typing.Literal",
+    ),  # fmt: skip
+    "type refused": ("trainer.max_epochs: {choice: [2, many]}", "trainer.max_epochs: segtune fit refuses 'many'"),
+    "class key outside its block": (
+        "model.init_args.r: {choice: [4, 8]}",
+        "model.init_args.r: not a key segtune.methods.FullFinetune takes",
+    ),  # fmt: skip
+    "unknown class": ("model.class_path: {choice: [segtune.methods.Nope]}", "model.class_path: segtune fit refuses"),
+    "callbacks": ("trainer.callbacks: {choice: [[]]}", "trainer.callbacks: not searchable"),
+    "not a mapping": ("- model.init_args.lr", "a search file maps config keys to distributions"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SEARCH, ids=list(BAD_SEARCH))
+def test_each_bad_search_file_stops_in_one_line_naming_the_key(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text, expected = BAD_SEARCH[case]
+    search = _write(tmp_path / "search.yaml", text + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--config", str(QUICKSTART), "--search", str(search)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1, err
+    assert f"{search}: {expected}" in err[0], err[0]
+    assert not (tmp_path / "runs").exists()  # checked before anything is written
+
+
+def test_without_optuna_one_line_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--config", str(QUICKSTART), "--search", str(tmp_path / "s.yaml")])
+    assert "pip install segtune[tune]" in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+
+
+def test_tiny_study_prunes_a_bad_trial_reports_and_best_yaml_refits_its_trial(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two trials of two epochs: the good learning rate, then the bad one, which the median pruner stops after its
+    first validation (below the first trial's there). ``best.yaml`` refits the first trial's val_dice."""
+    monkeypatch.chdir(tmp_path)
+    search = _write(tmp_path / "search.yaml", "model.init_args.lr: {log_uniform: [1.0e-3, 1.0e+3]}\n")
+    (tmp_path / "runs/tiny").mkdir(parents=True)
+    storage = f"sqlite:///{tmp_path / 'runs/tiny/study.db'}"
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    study.enqueue_trial({"model.init_args.lr": GOOD_LR})
+    study.enqueue_trial({"model.init_args.lr": BAD_LR})
+    args = ["tune", "--config", str(QUICKSTART), "--search", str(search), "--study", "tiny", "--trials", "2",
+            "--pruner-startup-trials", "1", "--data.init_args.root", str(shapes), "--trainer.max_epochs", "2",
+            "--model.init_args.warmup_steps", "0", "--data.init_args.batch_size", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "runs/tiny"
+    lines = [ln for ln in out.splitlines() if ln.startswith("trial ")]
+    assert [ln.split(":")[0] for ln in lines] == ["trial 0 complete", "trial 1 pruned"], out  # one line per trial
+    assert "best " in lines[1] and "over untuned" in lines[0]
+    pruned = folder / "trial_1/version_0"
+    assert len(_val_dice(pruned)) == 1 and (pruned / "pruned.json").is_file()  # stopped after epoch 0 of 2
+    assert (pruned / "checkpoints/last.ckpt").is_file()  # a pruned trial keeps its run
+    report = yaml.safe_load((folder / "tune_report.json").read_text())
+    assert [(r["trial"], r["state"]) for r in report] == [(0, "complete"), (1, "pruned")]
+    assert report[0]["epochs"] == 2 and report[1]["epochs"] == 1
+    first = report[0]
+    assert first["val_dice"] == max(_val_dice(folder / "trial_0/version_0")) and first["gain_ci95"].startswith("[")
+    assert first["untuned_val_dice"] == report[1]["untuned_val_dice"]  # scored once: the second trial read it
+    assert "untuned_val_dice" not in (folder / "trial_1/version_0/metrics.csv").read_text()
+    for name in ("tune_report.md", "tune_report.csv", "tune_history.png", "tune_importance.png", "tune_parallel.png"):
+        assert (folder / name).stat().st_size > 0, name
+    # best.yaml: the first trial's config as a config of its own, which a plain fit reproduces
+    main(["fit", "--config", str(folder / "best.yaml")])
+    refit = tmp_path / "runs/tiny_best/version_0"
+    assert _val_dice(refit) == _val_dice(folder / "trial_0/version_0")
+    config = yaml.safe_load((refit / "config.yaml").read_text())
+    assert config["model"]["init_args"]["lr"] == GOOD_LR
+    assert "segtune.tune." not in str(config["trainer"]["callbacks"])  # the config's own callbacks, no pruning
+    # the same command again: the study has its trials, nothing is re-run
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "2 trials finished already" in capsys.readouterr().out
+
+
+def _states(storage: str, name: str) -> dict[int, tuple[str, str | None]]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    return {t.number: (t.state.name, t.user_attrs.get("process")) for t in study.get_trials(deepcopy=False)}
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path, tmp_path: Path) -> None:
+    """Two ``segtune tune`` processes on one SQLite study; the first is killed (SIGKILL) in its second trial. The
+    other, the same command, finishes the study: no trial number twice, the killed trial FAIL once its heartbeat
+    expired, every finished trial kept (not re-run)."""
+    search = _write(tmp_path / "search.yaml", "model.init_args.lr: {log_uniform: [1.0e-3, 1.0e-2]}\n")
+    command = [
+        sys.executable, "-m", "segtune", "tune", "--config", str(QUICKSTART), "--search", str(search), "--study",
+        "shared", "--trials", "4", "--heartbeat", "1", "--pruner", "none", "--data.init_args.root", str(shapes),
+        "--trainer.max_epochs", "1",
+    ]  # fmt: skip
+    storage = f"sqlite:///{tmp_path / 'runs/shared/study.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(1)  # the first creates the study; the second loads it
+    second = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    mine = f":{first.pid}"
+    deadline = time.monotonic() + 120
+    killed = None
+    while time.monotonic() < deadline and first.poll() is None:
+        states = _states(storage, "shared") if (tmp_path / "runs/shared/study.db").exists() else {}
+        ran = [n for n, (s, p) in states.items() if p and p.endswith(mine)]
+        if any(states[n][0] == "COMPLETE" for n in ran) and any(states[n][0] == "RUNNING" for n in ran):
+            killed = next(n for n in ran if states[n][0] == "RUNNING")
+            os.kill(first.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    first.wait()
+    assert killed is not None, "the first process never reached a second trial"
+    out, _ = second.communicate(timeout=180)
+    assert second.returncode == 0, out.decode()[-2000:]
+    states = _states(storage, "shared")
+    assert states[killed][0] == "FAIL"
+    finished = [n for n, (s, _) in states.items() if s == "COMPLETE"]
+    assert len(finished) >= 4 and sorted(states) == list(range(len(states)))  # numbers unique, none skipped
+    # every finished trial has its own run, written once (a re-run would have refused the existing folder)
+    for n in finished:
+        assert len(_val_dice(tmp_path / f"runs/shared/trial_{n}/version_0")) == 1
+    assert (tmp_path / f"runs/shared/trial_{killed}").is_dir()  # the killed trial's folder is kept
+    assert f"trial {killed} " not in out.decode().replace(f"trial {killed} was interrupted", "")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import yaml
 from segtune.cli import main
 from segtune.data.synthetic import write_shapes_coco
 from segtune.tune.space import load_search
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, ROOT
 
 optuna = pytest.importorskip("optuna")
 
@@ -31,6 +33,36 @@ GOOD_LR, BAD_LR = 0.002, 1000.0
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two training and two validation images: a trial of the tiny model costs about a second of CPU an epoch."""
     return write_shapes_coco(tmp_path_factory.mktemp("tune_shapes"), {"train": 2, "valid": 2, "test": 1}, seed=1)
+
+
+#: The segtune lines of docs/tune.md's first bash block (comments cut off).
+DOCS_LINES = [
+    line.split("  #")[0].strip()
+    for line in re.search(r"```bash\n(.*?)```", (ROOT / "docs/tune.md").read_text(), flags=re.S).group(1).splitlines()
+    if line.startswith("segtune ")
+]
+
+
+def _docs_args(line: str, best: Path) -> list[str]:
+    """A docs line's arguments: the shipped configs from the repository, the study's best.yaml for the example's."""
+    args = shlex.split(line)[1:]
+    args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+    return [str(best) if a.endswith("/best.yaml") else a for a in args]
+
+
+def test_docs_tune_lines_check_the_shipped_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/tune.md's segtune tune lines, as --dry-run with the tiny random model in place of LiteMedSAM (the real
+    study is measured in the docs): the shipped config and search file parse, nothing is written."""
+    tune = [line for line in DOCS_LINES if line.startswith("segtune tune")]
+    assert len(tune) == 2
+    for line in tune:
+        args = _docs_args(line, tmp_path)
+        args += [*([] if "--dry-run" in args else ["--dry-run"]), "--model.init_args.model", "sam-tiny"]
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--output", str(tmp_path)])
+        assert exit_.value.code == 0
+    assert "search_litemedsam_flakes.yaml parse (model.init_args.lr, trainer.max_epochs" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
 
 
 def _write(path: Path, text: str) -> Path:
@@ -153,13 +185,22 @@ def test_tiny_study_prunes_a_bad_trial_reports_and_best_yaml_refits_its_trial(
     assert "untuned_val_dice" not in (folder / "trial_1/version_0/metrics.csv").read_text()
     for name in ("tune_report.md", "tune_report.csv", "tune_history.png", "tune_importance.png", "tune_parallel.png"):
         assert (folder / name).stat().st_size > 0, name
-    # best.yaml: the first trial's config as a config of its own, which a plain fit reproduces
-    main(["fit", "--config", str(folder / "best.yaml")])
+    # best.yaml: the first trial's config as a config of its own, which a plain fit reproduces; then the test of
+    # its checkpoint with the untuned model beside it (docs/tune.md's two lines, on this study's best.yaml)
+    fit, test = (
+        _docs_args(line, folder / "best.yaml")
+        for line in DOCS_LINES
+        if line.startswith(("segtune fit", "segtune test"))
+    )
+    main(fit)
     refit = tmp_path / "runs/tiny_best/version_0"
     assert _val_dice(refit) == _val_dice(folder / "trial_0/version_0")
     config = yaml.safe_load((refit / "config.yaml").read_text())
     assert config["model"]["init_args"]["lr"] == GOOD_LR
     assert "segtune.tune." not in str(config["trainer"]["callbacks"])  # the config's own callbacks, no pruning
+    ckpt = str(next((refit / "checkpoints").glob("best-*.ckpt")))
+    main([ckpt if a == "CKPT" else a for a in test])
+    assert "untuned" in yaml.safe_load((tmp_path / "runs/tiny_best/version_1/test_metrics.json").read_text())
     # the same command again: the study has its trials, nothing is re-run
     with pytest.raises(SystemExit):
         main(args)

@@ -47,6 +47,7 @@ class TuneSettings:
         heartbeat: seconds between a running trial's heartbeats; a trial silent for 3 of them is failed.
         seed: the sampler's seed (None: random).
         overrides: extra ``fit`` arguments for every trial.
+        dry_run: check the config and the search file against fit's parser, then stop.
     """
 
     config: Path
@@ -60,6 +61,7 @@ class TuneSettings:
     heartbeat: int = 10
     seed: int | None = 0
     overrides: tuple[str, ...] = ()
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -106,11 +108,12 @@ def parse(argv: list[str]) -> TuneSettings:
     parser.add_argument("--pruner-warmup-epochs", type=int, default=0, help="median: epochs never pruned")
     parser.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    parser.add_argument("--dry-run", action="store_true", help="check the config and search file, run no trial")
     args, extra = parser.parse_known_args(argv)
     pruner = PrunerSettings(args.pruner, args.pruner_startup_trials, args.pruner_warmup_epochs)
     return TuneSettings(
         args.config, args.search, args.trials, args.timeout, args.study, args.output, args.storage, pruner,
-        args.heartbeat, args.seed, tuple(extra),
+        args.heartbeat, args.seed, tuple(extra), args.dry_run,
     )  # fmt: skip
 
 
@@ -125,6 +128,10 @@ def tune_command(argv: list[str]) -> int:
     check_against_parser(space, settings.config, list(settings.overrides))  # before anything is written
     resolved = base_config(settings.config, list(settings.overrides))
     folder = settings.folder
+    if settings.dry_run:
+        keys = ", ".join(space.all_keys())
+        print(f"study {settings.name} in {folder}: {settings.config} and {settings.search} parse ({keys})")
+        return 0
     url = settings.storage or default_url(folder)
     if settings.storage is None and not (folder / "study.db").exists() and any(folder.glob("trial_*")):
         raise FileExistsError(f"{folder}: holds trial folders but no study.db: not overwritten; choose another --study")

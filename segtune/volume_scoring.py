@@ -86,12 +86,13 @@ class VolumeScoring:
         box_margin: pixels, in the model's input frame, each side of the previous slice's predicted box
             grows by before it prompts the next slice (LiteMedSAM's 3D inference: 3 at 256); never
             beyond the object's first box, so margins do not compound.
-        stop: ``box2d``: the predicted IoU and the overlap with the previous slice's mask a slice needs
-            to be kept (:class:`segtune.propagation.StopRule`).
+        stop: ``box2d``: the predicted IoU, the overlap with the previous slice's mask and the mask's area
+            against the prompted slice's mask a slice needs to be kept
+            (:class:`segtune.propagation.StopRule`); used as it is with ``choose_stop: false``.
         choose_stop: ``box2d``: choose ``stop`` on the validation volumes at every validation (the best
             mean volume Dice over :data:`segtune.propagation.STOP_GRID`); the choice is logged
-            (``val_stop_min_score``, ``val_stop_min_overlap``), kept in the checkpoint and used by
-            ``segtune test`` of that checkpoint. Never chosen on the test split.
+            (``val_stop_min_score``, ``val_stop_min_overlap``, ``val_stop_min_area``), kept in the
+            checkpoint and used by ``segtune test`` of that checkpoint. Never chosen on the test split.
         mask_prompt: also give the previous slice's low-resolution mask logits as a mask prompt
             (micro-sam's ``projection: mask``).
         largest_component: keep only each object's largest 3D connected component (MedSAM2).

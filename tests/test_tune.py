@@ -251,4 +251,8 @@ def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path
     for n in finished:
         assert len(_val_dice(tmp_path / f"runs/shared/trial_{n}/version_0")) == 1
     assert (tmp_path / f"runs/shared/trial_{killed}").is_dir()  # the killed trial's folder is kept
+    # the first trial is the config as it is (its lr 0.002 lies in the searched range), queued once
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials(deepcopy=False)
+    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
+    assert trials[0].params == {"model.init_args.lr": 0.002}
     assert f"trial {killed} " not in out.decode().replace(f"trial {killed} was interrupted", "")

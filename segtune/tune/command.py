@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from segtune.tune.checks import base_config, check_against_parser
-from segtune.tune.space import load_search
+from segtune.tune.space import SearchSpace, load_search
 from segtune.tune.storage import PRUNERS, PrunerSettings, StorageSettings, default_url, import_optuna, open_study
 from segtune.tune.trial import MONITOR, Study, TrialFailed, describe, run_trial
 
@@ -48,6 +48,8 @@ class TuneSettings:
         seed: the sampler's seed (None: random).
         overrides: extra ``fit`` arguments for every trial.
         dry_run: check the config and the search file against fit's parser, then stop.
+        baseline: a new study's first trial is the config as it is (its own values of the searched keys), the
+            recipe every other trial is compared with in the report; skipped when a value lies outside the search.
     """
 
     config: Path
@@ -62,6 +64,7 @@ class TuneSettings:
     seed: int | None = 0
     overrides: tuple[str, ...] = ()
     dry_run: bool = False
+    baseline: bool = True
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -109,11 +112,12 @@ def parse(argv: list[str]) -> TuneSettings:
     parser.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
     parser.add_argument("--dry-run", action="store_true", help="check the config and search file, run no trial")
+    parser.add_argument("--no-baseline", action="store_true", help="no first trial with the config's own values")
     args, extra = parser.parse_known_args(argv)
     pruner = PrunerSettings(args.pruner, args.pruner_startup_trials, args.pruner_warmup_epochs)
     return TuneSettings(
         args.config, args.search, args.trials, args.timeout, args.study, args.output, args.storage, pruner,
-        args.heartbeat, args.seed, tuple(extra), args.dry_run,
+        args.heartbeat, args.seed, tuple(extra), args.dry_run, not args.no_baseline,
     )  # fmt: skip
 
 
@@ -138,6 +142,8 @@ def tune_command(argv: list[str]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     storage = StorageSettings(url, settings.heartbeat, 3 * settings.heartbeat)
     study = open_study(settings.name, storage, settings.pruner, settings.seed)
+    if settings.baseline and not study.get_trials(deepcopy=False):
+        enqueue_baseline(study, space, resolved)
     shared = Study(
         settings.name, folder, settings.config.resolve(), settings.overrides, space, url, settings.pruner, resolved
     )
@@ -152,6 +158,17 @@ def tune_command(argv: list[str]) -> int:
         return 1
     print(f"Best config: {best} (segtune fit --config {best})")
     return 0
+
+
+def enqueue_baseline(study: Any, space: SearchSpace, resolved: dict[str, Any]) -> None:
+    """Queue the config's own values as the study's first trial (user attribute ``baseline``)."""
+    values = space.values_in(resolved)
+    if values is None:
+        log.info("no baseline trial: the config's value of a searched key lies outside its distribution")
+        return
+    params = {key: space.distribution(key).encoded(value) for key, value in values.items()}
+    # skip_if_exists: a second process starting at the same moment queues nothing more
+    study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 
 
 def _optimize(study: Any, shared: Study, settings: TuneSettings) -> None:
@@ -183,7 +200,8 @@ def _optimize(study: Any, shared: Study, settings: TuneSettings) -> None:
     def progress(study: Any, trial: Any) -> None:
         failures[0] = failures[0] + 1 if trial.state == TrialState.FAIL else 0
         attrs = trial.user_attrs
-        line = f"trial {trial.number} {trial.state.name.lower()}: {describe(trial.params)}"
+        baseline = " (the config's own values)" if attrs.get("baseline") else ""
+        line = f"trial {trial.number} {trial.state.name.lower()}{baseline}: {describe(trial.params)}"
         if attrs.get(MONITOR) is not None:
             line += f" -> {MONITOR} {attrs[MONITOR]:.4f}"
             if attrs.get("gain") is not None:

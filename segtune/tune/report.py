@@ -24,8 +24,8 @@ from segtune.tune.trial import MONITOR, reproducible_config
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "trial", "state", MONITOR, "untuned_val_dice", "gain", "gain_ci95", "epochs", "pruned_after_epoch", "wall_s",
-    "run",
+    "trial", "state", "baseline", MONITOR, "untuned_val_dice", "gain", "gain_ci95", "epochs", "pruned_after_epoch",
+    "wall_s", "run",
 ]  # fmt: skip
 BEST = "best.yaml"
 
@@ -40,7 +40,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         wall = (ended - started).total_seconds() if ended and started else None
         low, high = attrs.get("gain_low"), attrs.get("gain_high")
         rows.append({
-            "trial": t.number, "state": t.state.name.lower(), MONITOR: attrs.get(MONITOR),
+            "trial": t.number, "state": t.state.name.lower(), "baseline": bool(attrs.get("baseline")),
+            MONITOR: attrs.get(MONITOR),
             "untuned_val_dice": attrs.get("untuned_val_dice"), "gain": attrs.get("gain"),
             "gain_ci95": f"[{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else None,
             "epochs": attrs.get("epochs"), "pruned_after_epoch": attrs.get("pruned_after_epoch"), "wall_s": wall,
@@ -80,6 +81,10 @@ def write_report(study: Any, folder: Path, plots: bool = True) -> Path | None:
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(rows)} trials.")
     if untuned is not None:
         lines.append(f"Untuned model: {MONITOR} {untuned:.4f} (scored once per study; gains are paired, 95% CI).")
+    base = next((r for r in rows if r["baseline"] and r[MONITOR] is not None), None)
+    if base:
+        said = f"trial {base['trial']}, {base['state']}"
+        lines.append(f"The config's own values ({said}): {MONITOR} {base[MONITOR]:.4f}.")
     if best:
         lines.append(f"Best: trial {best['trial']}, {MONITOR} {best[MONITOR]:.4f}; its config: `{BEST}`.")
     header = COLUMNS[:-1] + params

@@ -58,6 +58,20 @@ class Distribution:
     choices: tuple[Any, ...] = ()
     branches: tuple[tuple[Distribution, ...], ...] = ()
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this distribution can give."""
+        if self.kind == "choice":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
+
+    def encoded(self, value: Any) -> Any:
+        """``value`` as Optuna stores it (a choice that is no plain value: its JSON text)."""
+        return value if self.kind != "choice" or isinstance(value, PLAIN) else json.dumps(value)
+
     def candidates(self) -> list[Any]:
         """The values checked against the parser before any trial: both bounds, or every choice."""
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
@@ -97,6 +111,25 @@ class SearchSpace:
             values[dist.key] = dist.suggest(trial)
             if dist.branches:
                 pending += dist.branches[dist.choices.index(values[dist.key])]
+        return values
+
+    def values_in(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """The values a resolved config gives the keys (through the branch its own choice picks), or None when
+        one is missing or outside its distribution."""
+        values: dict[str, Any] = {}
+        pending = list(self.keys)
+        while pending:
+            dist = pending.pop(0)
+            node: Any = config
+            for part in dist.key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return None
+                node = node[part]
+            if not dist.contains(node):
+                return None
+            values[dist.key] = node
+            if dist.branches:
+                pending += dist.branches[dist.choices.index(node)]
         return values
 
     def all_keys(self) -> list[str]:

@@ -45,7 +45,8 @@ class TuneSettings:
         storage: an SQLAlchemy database URL (None: SQLite ``<output>/<study>/study.db``).
         pruner: how trials are pruned.
         heartbeat: seconds between a running trial's heartbeats; a trial silent for 3 of them is failed.
-        seed: the sampler's seed (None: random).
+        seed: the sampler's seed, offset by the study's trials (None: random; processes sharing a study need
+            different ones).
         overrides: extra ``fit`` arguments for every trial.
         dry_run: check the config and the search file against fit's parser, then stop.
         baseline: a new study's first trial is the config as it is (its own values of the searched keys), the
@@ -61,7 +62,7 @@ class TuneSettings:
     storage: str | None = None
     pruner: PrunerSettings = PrunerSettings()
     heartbeat: int = 10
-    seed: int | None = 0
+    seed: int | None = None
     overrides: tuple[str, ...] = ()
     dry_run: bool = False
     baseline: bool = True
@@ -110,7 +111,8 @@ def parse(argv: list[str]) -> TuneSettings:
     parser.add_argument("--pruner-startup-trials", type=int, default=2, help="median: trials never pruned")
     parser.add_argument("--pruner-warmup-epochs", type=int, default=0, help="median: epochs never pruned")
     parser.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
-    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    parser.add_argument("--seed", type=int, help="the sampler's seed (default: random; processes sharing a "
+                        "study need different ones)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check the config and search file, run no trial")
     parser.add_argument("--no-baseline", action="store_true", help="no first trial with the config's own values")
     args, extra = parser.parse_known_args(argv)

@@ -111,15 +111,20 @@ def default_url(folder: Path) -> str:
 
 def open_study(name: str, storage: StorageSettings, pruner: PrunerSettings, seed: int | None = None) -> Any:
     """Create the study or load it (another process, or an earlier run of the same command, may have made it),
-    maximising val_dice, then mark FAIL the trials whose process died (their heartbeat expired)."""
+    maximising val_dice, then mark FAIL the trials whose process died (their heartbeat expired).
+
+    ``seed`` seeds Optuna's TPE sampler (offset by the trials the study has); None: a random seed, which processes
+    sharing a study need (two with one seed would draw the same first values).
+    """
     optuna = import_optuna()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # segtune prints one line per trial instead
-    sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(
-        study_name=name, storage=storage.make(), sampler=sampler, pruner=pruner.make(), direction="maximize",
-        load_if_exists=True,
-    )  # fmt: skip
+        study_name=name, storage=storage.make(), pruner=pruner.make(), direction="maximize", load_if_exists=True
+    )
+    if seed is not None:
+        # offset by the trials already there: a resumed study draws new values, not its first run's again
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:  # made elsewhere: its pruner would keep the worst
         raise ValueError(f"study {name} in {storage.url} minimises its objective; segtune tune maximises val_dice")
     fail_interrupted(study)

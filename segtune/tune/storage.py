@@ -12,6 +12,7 @@ machine or another, sharing a PostgreSQL or MySQL URL): each live trial writes a
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 DATABASE = "study.db"
 #: What a missing Optuna says.
 MISSING = "segtune tune needs Optuna: pip install segtune[tune]"
+#: Tries to open a new database that another process is creating at the same moment.
+SCHEMA_ATTEMPTS = 5
 #: ``--pruner`` values.
 PRUNERS = ("median", "hyperband", "none")
 
@@ -97,11 +100,20 @@ class StorageSettings:
 
         # SQLite: two processes write the same file; wait for the other's lock instead of failing at once
         engine = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else None
-        with warnings.catch_warnings():  # the heartbeat is "experimental" (from Optuna 2.9, unchanged since)
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                self.url, engine_kwargs=engine, heartbeat_interval=self.heartbeat_s, grace_period=self.grace_s
-            )
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():  # the heartbeat is "experimental" (from Optuna 2.9, unchanged since)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        self.url, engine_kwargs=engine, heartbeat_interval=self.heartbeat_s, grace_period=self.grace_s
+                    )
+            except Exception as e:
+                # Two processes opening a new database at once both create its tables; the second fails on the
+                # first's (sqlalchemy's IntegrityError or OperationalError): the tables are there a moment later.
+                if not type(e).__module__.startswith("sqlalchemy") or attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
 
 
 def default_url(folder: Path) -> str:

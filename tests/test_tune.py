@@ -153,18 +153,19 @@ def test_without_optuna_one_line_says_how_to_install(
 def test_tiny_study_prunes_a_bad_trial_reports_and_best_yaml_refits_its_trial(
     shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two trials of two epochs: the good learning rate, then the bad one, which the median pruner stops after its
-    first validation (below the first trial's there). ``best.yaml`` refits the first trial's val_dice."""
+    """Two trials: the good learning rate for one epoch, then the bad one for two, which the median pruner stops after
+    its first validation (below the first trial's there). ``best.yaml`` refits the first trial's val_dice."""
     monkeypatch.chdir(tmp_path)
-    search = _write(tmp_path / "search.yaml", "model.init_args.lr: {log_uniform: [1.0e-3, 1.0e+3]}\n")
+    space = "model.init_args.lr: {log_uniform: [1.0e-3, 1.0e+3]}\ntrainer.max_epochs: {int: [1, 2]}\n"
+    search = _write(tmp_path / "search.yaml", space)
     (tmp_path / "runs/tiny").mkdir(parents=True)
     storage = f"sqlite:///{tmp_path / 'runs/tiny/study.db'}"
     study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
-    study.enqueue_trial({"model.init_args.lr": GOOD_LR})
-    study.enqueue_trial({"model.init_args.lr": BAD_LR})
+    study.enqueue_trial({"model.init_args.lr": GOOD_LR, "trainer.max_epochs": 1})
+    study.enqueue_trial({"model.init_args.lr": BAD_LR, "trainer.max_epochs": 2})
     args = ["tune", "--config", str(QUICKSTART), "--search", str(search), "--study", "tiny", "--trials", "2",
-            "--pruner-startup-trials", "1", "--data.init_args.root", str(shapes), "--trainer.max_epochs", "2",
-            "--model.init_args.warmup_steps", "0", "--data.init_args.batch_size", "1"]  # fmt: skip
+            "--pruner-startup-trials", "1", "--data.init_args.root", str(shapes), "--model.init_args.warmup_steps", "0",
+            "--data.init_args.batch_size", "1"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 0
@@ -178,7 +179,7 @@ def test_tiny_study_prunes_a_bad_trial_reports_and_best_yaml_refits_its_trial(
     assert (pruned / "checkpoints/last.ckpt").is_file()  # a pruned trial keeps its run
     report = yaml.safe_load((folder / "tune_report.json").read_text())
     assert [(r["trial"], r["state"]) for r in report] == [(0, "complete"), (1, "pruned")]
-    assert report[0]["epochs"] == 2 and report[1]["epochs"] == 1
+    assert report[0]["epochs"] == 1 and report[1]["epochs"] == 1
     first = report[0]
     assert first["val_dice"] == max(_val_dice(folder / "trial_0/version_0")) and first["gain_ci95"].startswith("[")
     assert first["untuned_val_dice"] == report[1]["untuned_val_dice"]  # scored once: the second trial read it

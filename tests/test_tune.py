@@ -219,8 +219,8 @@ def _states(storage: str, name: str) -> dict[int, tuple[str, str | None]]:
 @pytest.mark.slow
 def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path, tmp_path: Path) -> None:
     """Two ``segtune tune`` processes on one SQLite study; the first is killed (SIGKILL) in its second trial. The
-    other, the same command, finishes the study: no trial number twice, the killed trial FAIL once its heartbeat
-    expired, every finished trial kept (not re-run)."""
+    other, the same command, finishes the study; the command run once more finds it done: no trial number twice, the
+    killed trial FAIL once its heartbeat expired, every finished trial kept (not re-run)."""
     search = _write(tmp_path / "search.yaml", "model.init_args.lr: {log_uniform: [1.0e-3, 1.0e-2]}\n")
     command = [
         sys.executable, "-m", "segtune", "tune", "--config", str(QUICKSTART), "--search", str(search), "--study",
@@ -247,6 +247,11 @@ def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path
     assert killed is not None, "the first process never reached a second trial"
     out, _ = second.communicate(timeout=180)
     assert second.returncode == 0, out.decode()[-2000:]
+    # The same command again. The killed trial is failed by the first start that finds its heartbeat expired (3 s):
+    # the second process's next trial, or this one when the second had no trial left to start. Nothing runs again.
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and re.search(r"\d+ trials finished already", rerun.stdout), rerun.stdout[-2000:]
+    assert not list(tmp_path.glob(f"runs/shared/trial_{len(_states(storage, 'shared'))}"))
     states = _states(storage, "shared")
     assert states[killed][0] == "FAIL"
     finished = [n for n, (s, _) in states.items() if s == "COMPLETE"]

@@ -139,6 +139,7 @@ def plot_history(rows: list[dict[str, Any]], untuned: float | None, path: Path) 
         best = max(best, r[MONITOR])
         steps.append((r["trial"], best))
     if steps:
+        steps.append((max(r["trial"] for r in rows), best))  # the best so far holds to the last trial
         ax.step([s[0] for s in steps], [s[1] for s in steps], where="post", color="tab:red", label="best so far")
     if untuned is not None:
         ax.axhline(untuned, color="black", linestyle="--", linewidth=1, label=f"untuned {untuned:.3f}")
@@ -158,7 +159,7 @@ def plot_importance(study: Any, path: Path) -> None:
     optuna = import_optuna()
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
     try:
         with warnings.catch_warnings():  # "few trials in a regime": the plot's title says how many trials
             warnings.simplefilter("ignore", UserWarning)
@@ -170,12 +171,13 @@ def plot_importance(study: Any, path: Path) -> None:
     if importances:
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="tab:blue")
-        ax.set_xlabel("importance (optuna.importance.get_param_importances, default evaluator; sums to 1)")
+        ax.set_xlabel("importance (Optuna's default evaluator; sums to 1)")
     else:
         ax.text(0.5, 0.5, f"no importances yet: {why}"[:100], ha="center", va="center", wrap=True)
         ax.set_axis_off()
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    ax.set_title(f"segtune tune: parameter importance over {done} completed trials")
+    # Optuna weighs completed trials only: a pruned trial has no final value
+    ax.set_title(f"segtune tune: parameter importance over {done} completed trials", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -219,12 +221,12 @@ def _scale(values: list[Any]) -> tuple[Any, str, str]:
     present = [v for v in values if v is not None]
     numeric = present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
     if not numeric:
-        order = sorted({json.dumps(v, default=str) for v in present})
+        order = sorted({_label(v) for v in present})
 
         def categorical(v: Any) -> float | None:
             if v is None:
                 return None
-            return order.index(json.dumps(v, default=str)) / max(1, len(order) - 1)
+            return order.index(_label(v)) / max(1, len(order) - 1)
 
         return categorical, (order[0] if order else "")[:20], (order[-1] if order else "")[:20]
     low, high = min(present), max(present)
@@ -238,3 +240,8 @@ def _scale(values: list[Any]) -> tuple[Any, str, str]:
         return (x - lo) / (hi - lo) if hi > lo else 0.5
 
     return numeric_scale, f"{low:.3g}", f"{high:.3g}"
+
+
+def _label(value: Any) -> str:
+    """A choice's value as an axis shows it: strings as they are (the last part of a class path), others as JSON."""
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) else json.dumps(value, default=str)

@@ -1,8 +1,8 @@
 """LiteMedSAM's real weights on real MRI volumes: what ``box3d`` does with a real model.
 
-One hippocampus case of the shared set, cut to its labelled slices and 2 more each side (so that a
+One hippocampus case of the shared set, cut to its labelled slices and 1 more each side (so that a
 protocol that ran past an object's end would have slices to run into), scored untuned by ``box3d``
-through :func:`segtune.volume_scoring.score_case` (no Trainer). The encoder passes are the cost (23
+through :func:`segtune.volume_scoring.score_case` (no Trainer). The encoder passes are the cost (21
 slices). ``box2d`` chooses its stop rule on validation volumes, which this one case does not have;
 its real-model numbers, and the fine-tuned ones, are in ``docs/volumes.md`` (too slow for the suite on
 CPU: the decoder fit encodes about 900 slices).
@@ -39,7 +39,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     root = tmp_path_factory.mktemp("hippocampus")
     label = sitk.ReadImage(str(HIPPOCAMPUS / "labelsTr" / f"{CASE}.nii.gz"))
     present = np.flatnonzero(sitk.GetArrayFromImage(label).reshape(label.GetSize()[2], -1).any(1))
-    lo, hi = max(int(present[0]) - 2, 0), min(int(present[-1]) + 3, label.GetSize()[2])
+    lo, hi = max(int(present[0]) - 1, 0), min(int(present[-1]) + 2, label.GetSize()[2])
     for folder in ("imagesTr", "labelsTr"):
         (root / folder).mkdir()
         volume = sitk.ReadImage(str(HIPPOCAMPUS / folder / f"{CASE}.nii.gz"))

@@ -29,6 +29,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from segtune.reports import markdown_cell
 from segtune.untuned import UNTUNED_FILE
 
 log = logging.getLogger(__name__)
@@ -297,14 +298,6 @@ def with_untuned_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _md_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
 def write_reports(rows: list[dict[str, Any]], folder: Path) -> None:
     """``report.csv``, ``report.json``, ``report.md`` (with each model's untuned row), ``report.png``
     (Dice vs peak memory and time) and the aggregate over cells (``aggregate.json``, ``aggregate.md``)."""
@@ -316,7 +309,7 @@ def write_reports(rows: list[dict[str, Any]], folder: Path) -> None:
         writer.writeheader()
         writer.writerows(full)
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_md_cell(r[c]) for c in COLUMNS) + " |" for r in full]
+    md += ["| " + " | ".join(markdown_cell(r[c]) for c in COLUMNS) + " |" for r in full]
     (folder / "report.md").write_text("# segtune compare\n\n" + "\n".join(md) + "\n")
     summary = aggregate(cells)  # over the cells that ran: the untuned rows are no cells
     (folder / "aggregate.json").write_text(json.dumps(summary, indent=2))
@@ -362,10 +355,16 @@ def _aggregate_markdown(summary: dict[str, Any]) -> str:
     ]
     for key in AGGREGATED:
         s = summary[key]
-        lines.append(f"| {key} | {_md_cell(s['mean'])} | {_md_cell(s['min'])} | {_md_cell(s['max'])} | {s['cells']} |")
+        lines.append(
+            "| " + " | ".join([key, *(markdown_cell(s[k]) for k in ("mean", "min", "max")), str(s["cells"])]) + " |"
+        )
     lines += ["", "| model | method | status | best val_loss |", "|---|---|---|---|"]
     lines += [
-        f"| {_md_cell(r['model'])} | {_md_cell(r['method'])} | {r['status']} | {_md_cell(r['best_val_loss'])} |"
+        "| "
+        + " | ".join(
+            [markdown_cell(r["model"]), markdown_cell(r["method"]), r["status"], markdown_cell(r["best_val_loss"])]
+        )
+        + " |"
         for r in summary["best_val_loss"]
     ]
     return "\n".join(lines) + "\n"

@@ -204,3 +204,12 @@ def coco_results(image_id: int, masks: np.ndarray, scores: np.ndarray, category_
              "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle))}
         )  # fmt: skip
     return results
+
+
+def markdown_cell(value: Any) -> str:
+    """One value as a markdown table cell: empty for None, 4 significant digits for floats, ``|`` escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")

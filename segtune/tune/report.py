@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from segtune.files import write_atomically
+from segtune.reports import markdown_cell
 from segtune.tune.storage import import_optuna
 from segtune.tune.trial import MONITOR, reproducible_config
 
@@ -48,14 +49,6 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "run": attrs.get("run"), "params": dict(t.params),
         })  # fmt: skip
     return rows
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -89,7 +82,7 @@ def write_report(study: Any, folder: Path, plots: bool = True) -> Path | None:
         lines.append(f"Best: trial {best['trial']}, {MONITOR} {best[MONITOR]:.4f}; its config: `{BEST}`.")
     header = COLUMNS[:-1] + params
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(f[c]) for c in header) + " |" for f in flat]
+    lines += ["| " + " | ".join(markdown_cell(f[c]) for c in header) + " |" for f in flat]
     _write_text(folder / "tune_report.md", "\n".join(lines) + "\n")
     if plots:
         plot_history(rows, untuned, folder / "tune_history.png")

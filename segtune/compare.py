@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from segtune.files import read_yaml
 from segtune.reports import markdown_cell
 from segtune.untuned import UNTUNED_FILE
 
@@ -99,12 +99,7 @@ class Cell:
 
 
 def _load_compare_config(path: Path) -> dict[str, Any]:
-    try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: compare config not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    config = read_yaml(path, "compare config")
     missing = [k for k in ("base_config", "models", "methods") if k not in (config or {})]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")

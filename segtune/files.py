@@ -5,6 +5,8 @@
 - :func:`output_folder`: an output folder (``segtune export``, ``segtune convert``) must be new or
   empty unless the user says ``--overwrite``; the files are written into a folder beside it and
   moved into place at the end, so a crash leaves the old folder or the new one, never a mix.
+- :func:`read_yaml`: a YAML file a command reads (compare's matrix, tune's search space), each failure
+  one line naming the file.
 - :func:`write_atomically`: one file (a checkpoint, a figure, a json, a volume) written beside its
   path and renamed over it, so a reader never sees half a file and a failed write changes nothing.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -156,6 +159,24 @@ def _publish(scratch: Path, output: Path) -> None:
     os.replace(output, old / output.name)
     os.replace(scratch, output)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed YAML of ``path``.
+
+    Args:
+        path: the file.
+        what: what it is, for the message when it is missing (``"compare config"``, ``"search file"``).
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the file (missing; invalid YAML).
+    """
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], suffix: str = ".tmp", fsync: bool = False) -> Path:

@@ -94,25 +94,19 @@ def read_dataset_json(path: Path) -> DatasetJson | None:
     )
 
 
-def missing_listed(info: DatasetJson, root: Path, found: set[str]) -> tuple[list[Path], list[Path]]:
-    """The ``training`` pairs that are not whole in the folders.
+def missing_listed(info: DatasetJson, root: Path, found: set[str]) -> list[Path]:
+    """The images of the ``training`` pairs that are missing whole (image and label): a subset of the listed
+    set, as a user who copies some cases keeps it. Half a pair is an image or a label without its partner in
+    the folders, which pairing the folders reports (:func:`segtune.data.volumes.pair_cases`).
 
     Args:
         info: the read file.
         root: the dataset folder the paths are relative to.
         found: the lower-case case names of the images found (nnU-Net's channel suffix stripped: the list
             names ``case.nii.gz`` where the folder holds ``case_0000.nii.gz``).
-
-    Returns:
-        The missing file of each pair whose other file is there (damage), and the image of each pair that
-        is missing whole (a subset of the listed set, as a user who copies some cases keeps it).
     """
-    halves, wholes = [], []
-    for image, label in info.training or []:
-        has_image = case_name(Path(image)).lower() in found
-        has_label = (root / label).is_file()
-        if has_image != has_label:
-            halves.append(root / (label if has_image else image))
-        elif not has_image:
-            wholes.append(root / image)
-    return halves, wholes
+    return [
+        root / image
+        for image, label in info.training or []
+        if case_name(Path(image)).lower() not in found and not (root / label).is_file()
+    ]

@@ -51,7 +51,6 @@ from segtune.data.volumes import (
     pair_cases,
     predict_cases,
     read_volume,
-    settle_unpaired,
 )
 from segtune.preprocessing import Preprocessing, masks_to_low_res, resize_image
 
@@ -89,9 +88,9 @@ class VolumeOptions:
             slice are one prompt). 0 trains every slice with its own boxes only.
         propagation_offset: the farthest slice a propagated prompt comes from (1: the adjacent slice,
             as scoring propagates; 2 also learns from a box two slices away).
-        unpaired: what a labelled folder's images without a label and labels without an image do (and
-            the pairs ``dataset.json`` lists whose files are missing): ``"stop"`` with one line listing
-            them, or ``"skip"``: leave them out with a warning listing them.
+        unpaired: what a labelled folder's images without a label and labels without an image do:
+            ``"stop"`` with one line listing them, or ``"skip"``: leave them out with a warning listing
+            them (pairs that ``dataset.json`` lists and the folders lack whole are one warning).
     """
 
     axis: Literal["auto", "x", "y", "z"] = "auto"
@@ -581,16 +580,12 @@ class VolumeSource:
         listed = self.dataset_json
         if listed is None:
             return cases
-        halves, wholes = missing_listed(listed, root, {c.name.lower() for c in cases})
-        unpaired = {"pairs of its training list with a file missing": halves}
-        settle_unpaired(str(listed.path), unpaired, self.skip_unpaired, base=root)
-        gone = {case_name(p).lower() for p in halves}
-        cases = [c for c in cases if c.name.lower() not in gone]
+        wholes = missing_listed(listed, root, {c.name.lower() for c in cases})
         if wholes:  # a subset of the listed cases, as a user who copies some keeps it
             log.warning("%s: %d pairs of its training list are in neither imagesTr nor labelsTr (e.g. %s); the %d "
                         "pairs found are used", listed.path, len(wholes), wholes[0].name, len(cases))  # fmt: skip
-        unlisted = [c.image.name for c in cases if listed.training is not None and c.name.lower() not in
-                    {case_name(Path(image)).lower() for image, _ in listed.training}]  # fmt: skip
+        names = {case_name(Path(image)).lower() for image, _ in listed.training or []}
+        unlisted = [c.image.name for c in cases if listed.training is not None and c.name.lower() not in names]
         if unlisted:
             log.warning("%s: %d cases of imagesTr are not in its training list and are used too (e.g. %s)",
                         listed.path, len(unlisted), unlisted[0])  # fmt: skip

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from segtune.files import read_yaml
 
 #: The distributions a key may have, and what each takes.
 KINDS = {
@@ -183,12 +183,7 @@ def load_search(path: str | Path) -> SearchSpace:
             distribution, an empty choice, inverted or non-numeric bounds, a key given twice in one path.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: search file not found") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "search file")
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: a search file maps config keys to distributions, e.g. model.init_args.lr: "
                          "{log_uniform: [1.0e-5, 1.0e-3]}")  # fmt: skip

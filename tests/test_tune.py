@@ -1,5 +1,6 @@
 """``segtune tune``: the search file and its one-line errors, a tiny study (a pruned trial, the report, best.yaml
-refitted), and a study shared by two processes, one of them killed with SIGKILL mid-trial."""
+refitted), a study shared by two processes, one of them killed with SIGKILL mid-trial, and DDP trials run as child
+processes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import yaml
 
 from segtune.cli import main
 from segtune.data.synthetic import write_shapes_coco
+from segtune.tune.child import needs_own_process, trainer_settings
 from segtune.tune.space import load_search
 from tests.conftest import CONFIGS, ROOT
 
@@ -217,14 +219,17 @@ def _states(storage: str, name: str) -> dict[int, tuple[str, str | None]]:
 
 
 @pytest.mark.slow
-def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path, tmp_path: Path) -> None:
+def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Two ``segtune tune`` processes on one SQLite study; the first is killed (SIGKILL) in its second trial. The
-    other, the same command, finishes the study; the command run once more finds it done: no trial number twice, the
-    killed trial FAIL once its heartbeat expired, every finished trial kept (not re-run)."""
+    other, the same command, finishes the study; the command run once more (in this process: no third start-up)
+    finds it done: no trial number twice, the killed trial FAIL once its heartbeat expired, every finished trial
+    kept (not re-run)."""
     search = _write(tmp_path / "search.yaml", "model.init_args.lr: {log_uniform: [1.0e-3, 1.0e-2]}\n")
     command = [
         sys.executable, "-m", "segtune", "tune", "--config", str(QUICKSTART), "--search", str(search), "--study",
-        "shared", "--trials", "4", "--heartbeat", "1", "--pruner", "none", "--data.init_args.root", str(shapes),
+        "shared", "--trials", "3", "--heartbeat", "1", "--pruner", "none", "--data.init_args.root", str(shapes),
         "--trainer.max_epochs", "1",
     ]  # fmt: skip
     storage = f"sqlite:///{tmp_path / 'runs/shared/study.db'}"
@@ -250,13 +255,16 @@ def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path
     assert second.returncode == 0, out.decode()[-2000:]
     # The same command again. The killed trial is failed by the first start that finds its heartbeat expired (3 s):
     # the second process's next trial, or this one when the second had no trial left to start. Nothing runs again.
-    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0 and re.search(r"\d+ trials finished already", rerun.stdout), rerun.stdout[-2000:]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as rerun:
+        main(command[3:])
+    said = capsys.readouterr().out
+    assert rerun.value.code == 0 and re.search(r"\d+ trials finished already", said), said[-2000:]
     assert not list(tmp_path.glob(f"runs/shared/trial_{len(_states(storage, 'shared'))}"))
     states = _states(storage, "shared")
     assert states[killed][0] == "FAIL"
     finished = [n for n, (s, _) in states.items() if s == "COMPLETE"]
-    assert len(finished) >= 4 and sorted(states) == list(range(len(states)))  # numbers unique, none skipped
+    assert len(finished) >= 3 and sorted(states) == list(range(len(states)))  # numbers unique, none skipped
     # every finished trial has its own run, written once (a re-run would have refused the existing folder)
     for n in finished:
         assert len(_val_dice(tmp_path / f"runs/shared/trial_{n}/version_0")) == 1
@@ -266,3 +274,48 @@ def test_two_processes_share_a_study_and_a_killed_one_loses_nothing(shapes: Path
     assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
     assert trials[0].params == {"model.init_args.lr": 0.002}
     assert not re.search(rf"^trial {killed} (complete|pruned)", out.decode(), re.M)  # the second never ran it
+
+
+@pytest.mark.slow
+def test_ddp_trials_run_as_child_processes_that_report_to_the_study_and_are_pruned(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trials on two CPU processes (``ddp`` over gloo) each run as ``python -m segtune fit``: the first completes with
+    its val_dice in the study, which the child reported at each validation; the second (two epochs) is pruned after
+    its first, both its processes stopping there. The pruning does not depend on the tiny model's scores: a trial
+    another process finished with a first-epoch val_dice of 1.0 puts the median above any score of this one's."""
+    # which trainers get a child, decided from the config alone
+    assert needs_own_process({"accelerator": "cpu", "devices": "auto", "strategy": "auto", "num_nodes": 1}) is None
+    assert needs_own_process({"devices": "0,", "strategy": "single_device"}) is None  # one device by its index
+    assert needs_own_process({"devices": [0, 1]}) == "devices [0, 1]"
+    assert needs_own_process({"devices": "2"}) == "devices 2"
+    assert needs_own_process({"num_nodes": 2}) == "num_nodes 2"
+    assert needs_own_process({"strategy": "deepspeed_stage_2", "devices": 1}) == "strategy deepspeed_stage_2"
+    assert needs_own_process({"strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy"}})
+    assert needs_own_process(trainer_settings({"trainer": {"devices": 1}}, {"trainer.devices": 2})) == "devices 2"
+
+    monkeypatch.chdir(tmp_path)
+    search = _write(tmp_path / "search.yaml", "trainer.max_epochs: {int: [1, 2]}\n")
+    (tmp_path / "runs/ddp").mkdir(parents=True)
+    storage = f"sqlite:///{tmp_path / 'runs/ddp/study.db'}"
+    study = optuna.create_study(study_name="ddp", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={0: 1.0}))  # trial 0
+    study.enqueue_trial({"trainer.max_epochs": 1})
+    study.enqueue_trial({"trainer.max_epochs": 2})
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--config", str(QUICKSTART), "--search", str(search), "--study", "ddp", "--trials", "3",
+              "--pruner-startup-trials", "2", "--data.init_args.root", str(shapes), "--data.init_args.batch_size", "1",
+              "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0, out
+    folder = tmp_path / "runs/ddp"
+    trials = optuna.load_study(study_name="ddp", storage=storage).get_trials(deepcopy=False)[1:]
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"], out
+    for t in trials:  # two processes ran each fit, and the child reported each validation to the study
+        run = folder / f"trial_{t.number}/version_0"
+        assert "MEMBER: 2/2" in (run.parent / "fit.log").read_text()
+        assert list(t.intermediate_values.values()) == _val_dice(run)
+    assert trials[0].value == _val_dice(folder / "trial_1/version_0")[0]  # the objective: the child's best epoch
+    pruned = folder / "trial_2/version_0"
+    assert len(_val_dice(pruned)) == 1 and (pruned / "pruned.json").is_file()  # stopped after epoch 0 of 2
+    assert re.search(r"^trial 1 complete: max_epochs=1 -> val_dice .*\n^trial 2 pruned: max_epochs=2", out, re.M), out

@@ -3,7 +3,9 @@
 The trial's values go on fit's command line after the config (``--model.init_args.lr 0.0003``), its
 logger writes into the trial's folder, and two callbacks join the config's own
 (:mod:`segtune.tune.callbacks`): the pruning report and the study's untuned scores. The fit runs
-in this process (no second start-up of torch per trial); its output goes to ``trial_<n>/fit.log``.
+in this process (no second start-up of torch per trial), or, when its trainer needs several processes (DDP),
+as ``python -m segtune fit`` with the same arguments (:mod:`segtune.tune.child`); its output goes to
+``trial_<n>/fit.log``.
 The trial's score is its best epoch's ``val_dice``; its gain over the untuned model, with the
 paired interval, is what the fit's own ``untuned.json`` says.
 """
@@ -26,6 +28,7 @@ import yaml
 
 from segtune.tune.callbacks import PRUNED_FILE
 from segtune.tune.checks import as_argument, key_arguments
+from segtune.tune.child import fit_in_child, needs_own_process, trainer_settings, unsupported
 from segtune.tune.space import SearchSpace
 from segtune.tune.storage import PrunerSettings
 from segtune.untuned import UNTUNED_FILE
@@ -133,13 +136,18 @@ def trial_folder(study: Study, number: int) -> Path:
 
 
 def run_trial(study: Study, number: int, values: dict[str, Any]) -> dict[str, Any]:
-    """Fit one trial in this process; its result (:func:`trial_result`).
+    """Fit one trial; its result (:func:`trial_result`).
+
+    The fit runs in this process, or in a child process when its trainer needs several
+    (:func:`segtune.tune.child.needs_own_process`: DDP, several devices or nodes); either way it is the same
+    ``segtune fit`` writing the same run folder, which the result is read from.
 
     Raises:
         TrialFailed: the fit stopped with an error, or the trial's folder already exists (never overwritten).
     """
-    from segtune.cli import main  # segtune.cli imports the tune command
-
+    trainer = trainer_settings(study.resolved, values)
+    if (why := unsupported(trainer)) is not None:
+        raise TrialFailed(f"trial {number}: {why}")
     folder = trial_folder(study, number)
     if folder.exists():
         raise TrialFailed(f"{folder} already exists (from another study?): not overwritten")
@@ -147,15 +155,12 @@ def run_trial(study: Study, number: int, values: dict[str, Any]) -> dict[str, An
     args = ["fit", *study.arguments(number, values)]
     (folder / "command.txt").write_text("segtune " + " ".join(_quoted(a) for a in args) + "\n")
     start = time.perf_counter()
-    with open(folder / "fit.log", "w") as out, _output_to(out):
-        try:
-            main(args)
-            code: Any = 0
-        except SystemExit as e:
-            code = e.code
-        except Exception as e:  # a bug in a trial's fit: its traceback goes to fit.log, the study goes on
-            log.exception("trial %d failed", number)
-            code = f"{type(e).__name__}: {e}"
+    reason = needs_own_process(trainer)
+    if reason is not None:
+        log.info("trial %d runs in a process of its own (%s)", number, reason)
+        code: Any = fit_in_child(args, folder / "fit.log")
+    else:
+        code = _fit_here(args, number, folder / "fit.log")
     if code not in (0, None):
         raise TrialFailed(f"trial {number}: fit failed: {_last_error(folder / 'fit.log')} (see {folder / 'fit.log'})")
     result = trial_result(folder / "version_0")
@@ -163,6 +168,21 @@ def run_trial(study: Study, number: int, values: dict[str, Any]) -> dict[str, An
     if result.get(MONITOR) is None:
         raise TrialFailed(f"trial {number}: the fit logged no {MONITOR} (is there a validation split?)")
     return result
+
+
+def _fit_here(args: list[str], number: int, log_file: Path) -> Any:
+    """Run ``segtune <args>`` in this process with its output in ``log_file``; its exit code (0 or None: done)."""
+    from segtune.cli import main  # segtune.cli imports the tune command
+
+    with open(log_file, "w") as out, _output_to(out):
+        try:
+            main(args)
+            return 0
+        except SystemExit as e:
+            return e.code
+        except Exception as e:  # a bug in a trial's fit: its traceback goes to fit.log, the study goes on
+            log.exception("trial %d failed", number)
+            return f"{type(e).__name__}: {e}"
 
 
 @contextlib.contextmanager

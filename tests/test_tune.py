@@ -319,3 +319,33 @@ def test_ddp_trials_run_as_child_processes_that_report_to_the_study_and_are_prun
     pruned = folder / "trial_2/version_0"
     assert len(_val_dice(pruned)) == 1 and (pruned / "pruned.json").is_file()  # stopped after epoch 0 of 2
     assert re.search(r"^trial 1 complete: max_epochs=1 -> val_dice .*\n^trial 2 pruned: max_epochs=2", out, re.M), out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_trials_own_process_ends_when_segtune_tune_is_killed(tmp_path: Path) -> None:
+    """``kill -9`` of the tune process ends the fit it started (which called ``end_with_parent``) instead of
+    leaving it training. Plain Python processes stand in for both, loading only ``child.py`` (no torch)."""
+    load = (f"import importlib.util, os, sys, time; s = importlib.util.spec_from_file_location('c', "
+            f"{str(ROOT / 'segtune' / 'tune' / 'child.py')!r}); c = importlib.util.module_from_spec(s); "
+            "s.loader.exec_module(c); ")  # fmt: skip
+    fit = load + "c.end_with_parent(); print('ready', flush=True); time.sleep(60)"
+    tune = load + (
+        "import subprocess; os.environ[c.PARENT_VARIABLE] = str(os.getpid()); "
+        f"p = subprocess.Popen([sys.executable, '-c', {fit!r}], stdout=subprocess.PIPE, text=True); "
+        "p.stdout.readline(); print(p.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", tune], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())  # type: ignore[union-attr]
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":  # ended, not yet reaped by init
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the trial's process kept running after its segtune tune was killed")

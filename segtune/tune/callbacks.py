@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from segtune.callbacks import run_folder
 from segtune.files import write_atomically
+from segtune.tune.child import end_with_parent
 from segtune.tune.storage import PrunerSettings, import_optuna
 from segtune.untuned import UntunedScore
 
@@ -53,6 +54,9 @@ class TrialPruning(Callback):
         self.startup_trials, self.warmup_epochs = startup_trials, warmup_epochs
         self.monitor = monitor
         self._trial: Any = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        end_with_parent()  # a fit that segtune tune started in a process of its own ends with it
 
     def _optuna_trial(self) -> Any:
         """The running trial, or None when it is no longer running (a rerun of a finished trial's config)."""

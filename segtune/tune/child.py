@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 ONE_PROCESS_STRATEGIES = ("auto", "single_device", "lightning.pytorch.strategies.SingleDeviceStrategy")
 #: Seconds a stopped trial's processes get to end after SIGTERM before SIGKILL.
 STOP_GRACE_S = 10
+#: The environment variable that gives a trial's fit the process id of the ``segtune tune`` that started it.
+PARENT_VARIABLE = "SEGTUNE_TUNE_PARENT"
+#: Linux's prctl option: the signal a process gets when its parent ends.
+PR_SET_PDEATHSIG = 1
 
 
 def trainer_settings(resolved: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,15 +113,43 @@ def fit_in_child(args: list[str], log_file: Path) -> int:
     marked FAIL and the fit stopped before the tune process ends (Python's default would end it on the spot).
     """
     command = [sys.executable, "-m", "segtune", *args]
+    environment = {**os.environ, PARENT_VARIABLE: str(os.getpid())}
     with open(log_file, "w") as out, _sigterm_interrupts():
         child = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=environment,
         )
         try:
             return child.wait()
         finally:
             if child.poll() is None:
                 _stop(child)
+
+
+def end_with_parent() -> None:
+    """In a trial's fit started by :func:`fit_in_child` (and in each of its ranks): end when the process that
+    started it ends, even by ``kill -9``, which no handler sees. Otherwise a killed ``segtune tune`` leaves its
+    trial training on, writing into a folder whose trial the next ``segtune tune`` marks failed.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``: each process gets SIGTERM when its parent ends, so rank 0 ends with
+    ``segtune tune`` and the other ranks with rank 0); elsewhere, and outside a tune, nothing is done.
+    """
+    started_by = os.environ.get(PARENT_VARIABLE)
+    if not started_by or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the fit ends when the next tune marks its trial failed
+        return
+    try:
+        os.kill(int(started_by), 0)  # it ended before the signal was asked for
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGTERM)
+    except (PermissionError, ValueError):
+        pass
 
 
 @contextlib.contextmanager

@@ -118,7 +118,7 @@ def fit_in_child(args: list[str], log_file: Path) -> int:
         child = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env=environment,
-        )
+        )  # fmt: skip
         try:
             return child.wait()
         finally:

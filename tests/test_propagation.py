@@ -9,6 +9,7 @@ import torch
 
 from segtune.propagation import (
     STOP_GRID,
+    STOP_TOLERANCE,
     Box2D,
     Box3D,
     ObjectPrompt,
@@ -184,7 +185,8 @@ def test_a_stop_rule_read_from_one_pass_is_the_rule_run_alone() -> None:
     for rule in (StopRule(0.6, 0.1), StopRule(0.8, 0.5), StopRule(0.0, 0.7)):
         (alone,) = Box2D(OPTIONS, rule)(model, truth.shape, [prompt])
         assert np.array_equal(once.truncated(rule), alone.mask)
-        assert counts[rule] == (float((alone.mask & truth).sum()), float(alone.mask.sum()))
+        outside = alone.mask.any(axis=(1, 2)) & ~truth.any(axis=(1, 2))
+        assert counts[rule] == (float((alone.mask & truth).sum()), float(alone.mask.sum()), float(outside.sum()))
 
 
 def test_choose_stop_takes_the_best_mean_dice() -> None:
@@ -195,6 +197,18 @@ def test_choose_stop_takes_the_best_mean_dice() -> None:
     assert choose_stop(rows, [30.0, 30.0]) == good
     assert choose_stop([{r: (10.0, 40.0) for r in STOP_GRID}], [30.0]) == STOP_GRID[0]  # a tie: the loosest
     assert bad in STOP_GRID and good in STOP_GRID
+
+
+def test_choose_stop_prefers_the_rule_that_stops_at_the_object_among_equally_good_ones() -> None:
+    best, near, far = StopRule(0.5, 0.2), StopRule(0.0, 0.1, 0.2), StopRule(0.9, 0.7, 0.2)
+    row = {r: (10.0, 40.0, 9.0) for r in STOP_GRID}
+    row[best] = (30.0, 32.0, 5.0)  # Dice 0.9677, 5 slices past the object
+    row[near] = (29.8, 32.0, 0.0)  # Dice 0.9613: within STOP_TOLERANCE of it, none past
+    row[far] = (20.0, 20.0, 0.0)  # Dice 0.8: none past, but far worse
+    assert choose_stop([row], [30.0]) == near
+    assert choose_stop([row], [30.0], tolerance=0.0) == best
+    assert choose_stop([row], [30.0], tolerance=0.2) == near  # among those none past, the better Dice
+    assert {best, near, far} <= set(STOP_GRID) and STOP_TOLERANCE == 0.01
 
 
 def test_mask_prompt_passes_the_previous_slices_logits() -> None:

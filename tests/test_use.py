@@ -1,5 +1,5 @@
 """Using a fine-tuned model: predict without prompts (automatic masks), point prompts, ONNX export and
-the README's onnxruntime example, W&B logging in offline mode."""
+docs/using.md's onnxruntime example, W&B logging in offline mode."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from segtune.preprocessing import preprocess_image
 from tests.conftest import CONFIGS, ROOT
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
-README = (ROOT / "README.md").read_text()
+USING = (ROOT / "docs" / "using.md").read_text()  # "Using your model", linked from the README
 # no threshold: a random tiny model predicts IoUs near 0.5 and unstable masks
 LOOSE = ["--model.init_args.amg.pred_iou_thresh", "-1", "--model.init_args.amg.stability_score_thresh", "-1",
          "--model.init_args.amg.points_per_side", "4"]  # fmt: skip
@@ -246,8 +246,7 @@ def test_readme_onnxruntime_example_runs(run_cli, checkpoint: Path, shapes_root:
     from segtune.methods.base import load_method
     from segtune.postprocess import logits_to_original
 
-    section = README.split("## Use your model", 1)[1].split("\n## ", 1)[0]
-    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (snippet,) = re.findall(r"```python\n(.*?)```", USING, flags=re.S)
     code = [ln for ln in snippet.splitlines() if ln.strip() and not ln.startswith(("import ", "from "))]
     assert len(code) <= 16  # "about 15 lines"
     with pytest.raises(SystemExit):
@@ -255,7 +254,7 @@ def test_readme_onnxruntime_example_runs(run_cli, checkpoint: Path, shapes_root:
     image = next((shapes_root / "test").glob("*.jpg"))
     shutil.copy(image, tmp_path / "image.jpg")
     scope: dict = {}
-    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102  (the README's own example, run as written)
+    exec(compile(snippet, "docs/using.md", "exec"), scope)  # noqa: S102  (the page's own example, run as written)
     mask, box = scope["mask"], scope["box"]
     assert mask.shape == cv2.imread(str(image)).shape[:2] and mask.dtype == bool
     # the same box through the PyTorch model and segtune's post-processing gives the same mask

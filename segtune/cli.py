@@ -69,7 +69,7 @@ def default_precision(accelerator: Any) -> tuple[str, str]:
     run on a CPU that computes bf16 natively (avx512_bf16 or AMX): measured on an AMD EPYC with
     avx512_bf16, segtune's training steps took 1.1x-1.6x less time than in fp32 for ViT-B and
     LiteMedSAM (full fine-tune, LoRA, frozen encoder) and a real LiteMedSAM fit scored the same
-    held-out Dice within its bootstrap interval (README, "Defaults you can see and change"). A model
+    held-out Dice within its bootstrap interval (docs/running.md, "Defaults you can see and change"). A model
     of a few hundred thousand parameters is slower under bf16 (the quickstart's configs set
     ``32-true``). Otherwise ``32-true``: fp16 without bf16 needs loss scaling that a first run should
     not depend on.

@@ -54,7 +54,7 @@ needs_mobilesam = pytest.mark.skipif(
 )
 needs_sam2 = pytest.mark.skipif(build_sam2 is None, reason="sam2 (reference) not installed: see noxfile.py tests")
 
-# float32 on CPU; measured maxima are far below (see the README's closing note)
+# float32 on CPU; measured maxima are far below (docs/models.md, the convert measurements)
 ATOL = 1e-4
 
 

@@ -355,7 +355,7 @@ class TestReport(Callback):
         if self.picture and self.layout[1] == "image":  # its distributions are of instance Dice
             figure = test_report_figure(rows, [_scored_image(trainer, pl_module, im) for im in worst])
             written += f" and {save_figure(figure, folder / 'test_report.png')}"
-        clicked = click_score_names(rounds)
+        clicked = {*click_score_names(rounds), *click_score_names(rounds, "nsd")}  # images' and volumes'
         table = summary_table(report, scores=[s for s in self.layout[0] if s not in clicked])
         table += f"\n\n{untuned_table(report)}" if "untuned" in report else ""
         if rounds:  # the Dice after each click, its curve, and whether fine-tuning flattened it

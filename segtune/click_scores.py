@@ -34,14 +34,15 @@ NOC_THRESHOLDS = (0.85, 0.90)
 _CLICK_DICE = re.compile(r"dice_click_(\d+)$")
 
 
-def click_score_names(rounds: int) -> tuple[str, ...]:
+def click_score_names(rounds: int, other: str = "iou") -> tuple[str, ...]:
     """The per-instance score names of ``rounds`` click rounds: ``dice_click_1`` ... ``dice_click_R``,
-    ``iou_click_1`` ..., ``click_auc``, ``click_gain``, ``noc_85``, ``noc_90`` (none for 0 rounds)."""
+    ``iou_click_1`` ... (``other``: ``"nsd"`` for volumes' rows), ``click_auc``, ``click_gain``, ``noc_85``,
+    ``noc_90`` (none for 0 rounds)."""
     if rounds <= 0:
         return ()
     return (
         *(f"dice_click_{r}" for r in range(1, rounds + 1)),
-        *(f"iou_click_{r}" for r in range(1, rounds + 1)),
+        *(f"{other}_click_{r}" for r in range(1, rounds + 1)),
         "click_auc",
         "click_gain",
         *(f"noc_{round(100 * t)}" for t in NOC_THRESHOLDS),
@@ -77,11 +78,12 @@ def normalised_auc(curve: Sequence[float]) -> float:
     return float(((values[1:] + values[:-1]) / 2).mean())
 
 
-def curve_scores(dice: torch.Tensor, iou: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-instance click scores (:func:`click_score_names`) of ``[N, R + 1]`` Dice and IoU curves."""
+def curve_scores(dice: torch.Tensor, iou: torch.Tensor, other: str = "iou") -> dict[str, torch.Tensor]:
+    """The per-instance click scores (:func:`click_score_names`) of ``[N, R + 1]`` Dice and IoU curves (``other``:
+    the second curve's name, ``"nsd"`` for volumes)."""
     rounds = dice.shape[1] - 1
     out = {f"dice_click_{r}": dice[:, r] for r in range(1, rounds + 1)}
-    out.update({f"iou_click_{r}": iou[:, r] for r in range(1, rounds + 1)})
+    out.update({f"{other}_click_{r}": iou[:, r] for r in range(1, rounds + 1)})
     rows = dice.double().cpu().numpy()
     out["click_auc"] = torch.tensor([normalised_auc(row) for row in rows], dtype=torch.float32)
     out["click_gain"] = (dice[:, -1] - dice[:, 0]).float()
@@ -90,21 +92,25 @@ def curve_scores(dice: torch.Tensor, iou: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def dice_curve(means: Mapping[str, Any], rounds: int) -> list[float | None]:
+def dice_curve(means: Mapping[str, Any], rounds: int, score: str = "dice") -> list[float | None]:
     """The mean Dice after the first prompt and after each click, from a report's means (``dice``,
-    ``dice_click_1`` ...)."""
-    return [means.get("dice"), *(means.get(f"dice_click_{r}") for r in range(1, rounds + 1))]
+    ``dice_click_1`` ...; ``score``: another score's curve, e.g. volumes' ``"nsd"``)."""
+    return [means.get(score), *(means.get(f"{score}_click_{r}") for r in range(1, rounds + 1))]
 
 
 def click_summary(report: Mapping[str, Any], rounds: int) -> dict[str, Any]:
     """What ``test_metrics.json`` says of the clicks: the Dice curve overall and per class, and, with the
-    untuned model beside the checkpoint, its curve and the paired difference at each click."""
+    untuned model beside the checkpoint, its curve and the paired difference at each click. Volumes' reports
+    (NSD after each click) also get the NSD curve overall and per class."""
     out: dict[str, Any] = {
         "rounds": rounds,
         "noc_thresholds": list(NOC_THRESHOLDS),
         "dice_curve": {"overall": dice_curve(report["overall"], rounds),
                        **{name: dice_curve(s, rounds) for name, s in report["per_class"].items()}},
     }  # fmt: skip
+    if "nsd_click_1" in report["overall"]:
+        per_class = {name: dice_curve(s, rounds, "nsd") for name, s in report["per_class"].items()}
+        out["nsd_curve"] = {"overall": dice_curve(report["overall"], rounds, "nsd"), **per_class}
     untuned = report.get("untuned")
     if untuned:
         names = ["dice", *(f"dice_click_{r}" for r in range(1, rounds + 1))]
@@ -124,16 +130,19 @@ def _signed(paired: Mapping[str, Any] | None, key: str) -> str:
 
 def click_table(report: Mapping[str, Any], rounds: int) -> str:
     """The printed click table: Dice after the first prompt and after each click, AUC, gain and NoC, overall
-    and per class; with the untuned model, its overall row and the paired difference at each click."""
+    and per class (volumes: NSD after each click below them); with the untuned model, its overall row and the
+    paired difference at each click."""
     steps = ["prompt", *(f"{r} click" if r == 1 else f"{r} clicks" for r in range(1, rounds + 1))]
     extra = ["auc", "gain", *(f"NoC@{round(100 * t)}" for t in NOC_THRESHOLDS)]
     widths = [max(8, len(s)) for s in [*steps, *extra]]
     header = " ".join(f"{s:>{w}}" for s, w in zip([*steps, *extra], widths, strict=True))
     lines = [f"{'Dice after':<24} {'instances':>9} {header}"]
 
-    def line(name: str, s: Mapping[str, Any]) -> str:
-        values = [*dice_curve(s, rounds), s.get("click_auc"), s.get("click_gain")]
+    def line(name: str, s: Mapping[str, Any], score: str = "dice") -> str:
+        values = [*dice_curve(s, rounds, score), s.get("click_auc"), s.get("click_gain")]
         values += [s.get(f"noc_{round(100 * t)}") for t in NOC_THRESHOLDS]
+        if score != "dice":  # the area, gain and NoC are of the Dice curve
+            values[rounds + 1 :] = [None] * (len(values) - rounds - 1)
         digits = [4] * (rounds + 3) + [2] * len(NOC_THRESHOLDS)
         cells = " ".join(f"{_value(v, d):>{w}}" for v, d, w in zip(values, digits, widths, strict=True))
         return f"{name[:24]:<24} {s.get('instances', 0):>9} {cells}"
@@ -141,6 +150,10 @@ def click_table(report: Mapping[str, Any], rounds: int) -> str:
     lines.append(line("all", report["overall"]))
     if len(report["per_class"]) > 1:
         lines += [line(name, s) for name, s in report["per_class"].items()]
+    if "nsd_click_1" in report["overall"]:  # volumes: the NSD after each click
+        lines.append(line("NSD: all", report["overall"], "nsd"))
+        if len(report["per_class"]) > 1:
+            lines += [line(f"NSD: {name}", s, "nsd") for name, s in report["per_class"].items()]
     untuned = report.get("untuned")
     if untuned:
         lines.append(line("untuned: all", untuned["overall"]))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
+from segtune.click_scores import click_score_names
 from segtune.data.batch import Sample, collate
 from segtune.data.intensity import gray_to_rgb
 from segtune.data.prompts import mask_to_box
@@ -42,6 +43,7 @@ from segtune.preprocessing import Preprocessing, preprocess_image, scale_coords
 from segtune.propagation import (
     PROTOCOLS,
     STOP_GRID,
+    BoxPropagation,
     Followed,
     ObjectPrompt,
     PromptProtocol,
@@ -58,6 +60,8 @@ from segtune.propagation import (
     loosest,
     stop_counts,
 )
+from segtune.slice_prompts import ObjectPredictor, SlicePrompt
+from segtune.volume_clicks import curve_rows, follow_each, volume_click_curves
 
 #: The scores of every volume row, in report order: volume Dice and NSD of the configured protocol; the
 #: ceiling (every slice of the object's range prompted with its own ground-truth box, stacked and scored as
@@ -67,6 +71,19 @@ from segtune.propagation import (
 VOLUME_SCORES = (
     "dice", "nsd", "ceiling_dice", "ceiling_nsd", "slice_dice", "box_dice", "outside_slices", "empty_slices",
 )  # fmt: skip
+
+
+#: Why ``clicks`` on volumes needs box propagation (said before any work by the module's setup).
+MEMORY_CLICKS = (
+    "model.init_args.clicks on volumes re-propagates each clicked slice by boxes: volume_scoring.propagation: memory "
+    "is not scored with clicks; set model.init_args.clicks: 0 or volume_scoring.propagation: box"
+)
+
+
+def volume_score_names(clicks: int = 0) -> tuple[str, ...]:
+    """The scores of a volume row: :data:`VOLUME_SCORES`, then with ``clicks`` rounds (``model.init_args.clicks``)
+    volume Dice and NSD after each click, the Dice curve's AUC, gain and NoC (:mod:`segtune.volume_clicks`)."""
+    return (*VOLUME_SCORES, *click_score_names(clicks, "nsd"))
 
 
 @dataclass(frozen=True)
@@ -208,13 +225,20 @@ def follow(
             [o.slices for o in objects],
         )  # fmt: skip
         return [Followed(largest_component(m) if scoring.largest_component else m) for m in masks]
+    protocol = box_protocol(module, volume, scoring, stop, follow_rule)
+    return protocol(predict, tuple(volume.image.shape), objects)  # type: ignore[arg-type]
+
+
+def box_protocol(
+    module: Any, volume: PreparedVolume, scoring: VolumeScoring, stop: StopRule, follow_rule: StopRule | None = None
+) -> BoxPropagation:
+    """The configured box protocol for ``volume``'s slices, its options from ``scoring``."""
     size = tuple(volume.image.shape[1:])
     options = PropagationOptions(
         margin=margin_pixels(scoring, module.preprocessing.image_size, size), min_pixels=scoring.min_pixels,
         mask_prompt=scoring.mask_prompt, largest_component=scoring.largest_component,
     )  # fmt: skip
-    protocol = PROTOCOLS[scoring.prompt](options, stop, follow_rule)
-    return protocol(predict, tuple(volume.image.shape), objects)  # type: ignore[arg-type]
+    return PROTOCOLS[scoring.prompt](options, stop, follow_rule)
 
 
 def check_propagation(module: Any) -> None:
@@ -284,7 +308,8 @@ def class_scores(
 def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, cache_mib: int = 0) -> SlicePredictor:
     """A :class:`~segtune.propagation.SlicePredictor` running ``module`` (a
     :class:`~segtune.methods.base.SegmentationModule`) on slices of ``volume``, ``batch_size`` slices per
-    call; several prompts may share a slice.
+    call; several prompts may share a slice. A prompt is an ``[4]`` box, ``[P, 3]`` points or a
+    :class:`~segtune.slice_prompts.SlicePrompt` (a box with points); one call takes one kind.
 
     Propagation prompts a slice once per object and direction, and the ground-truth-box pass once
     more: with ``cache_mib`` the image encoder's output of each slice is kept (up to that many MiB,
@@ -296,7 +321,7 @@ def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, ca
     pixels: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
     kept = SliceEncodings(module, cache_mib)
 
-    def sample(k: int, prompts: list[np.ndarray]) -> Sample:
+    def sample(k: int, prompts: list[SlicePrompt], longest: int) -> Sample:
         if k not in pixels:  # the slice's pixels are prepared once for every prompt and pass
             if len(pixels) > 64:
                 pixels.clear()
@@ -311,18 +336,24 @@ def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, ca
             "file_name": f"{volume.case.name} {volume.axis_name}={k}", "image_path": str(volume.case.image),
             "image_key": f"{volume.axis_name}={k}",
         }  # fmt: skip
-        if prompts[0].ndim == 1:  # boxes
-            boxes = torch.from_numpy(np.stack(prompts).astype(np.float32))
+        if prompts[0].box is not None:  # boxes (alone, or with points: one prompt of both)
+            boxes = torch.from_numpy(np.stack([p.box for p in prompts]).astype(np.float32))
             s["boxes"], s["input_boxes"] = boxes, scale_coords(boxes, size, reshaped)
-        else:
-            points = torch.from_numpy(np.stack(prompts).astype(np.float32))
+        if prompts[0].points is not None:
+            # prompts with fewer points than the call's most get SAM's "not a point" (-10), as collate pads
+            points = torch.zeros(n, longest, 3)
+            points[:, :, 2] = -10
+            for j, p in enumerate(prompts):
+                points[j, : len(p.points)] = torch.from_numpy(np.asarray(p.points, np.float32))
             s["input_points"] = scale_coords(points[:, :, :2].contiguous(), size, reshaped)
             s["input_labels"] = points[:, :, 2].long()
         return s
 
     def predict(
-        indices: Sequence[int], prompts: Sequence[np.ndarray], masks: Sequence[torch.Tensor | None] | None = None
-    ) -> list[SliceOutput]:
+        indices: Sequence[int], asked: Sequence[np.ndarray | SlicePrompt],
+        masks: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[SliceOutput]:  # fmt: skip
+        prompts = [SlicePrompt.of(p) for p in asked]
         # the model calls' images: a slice with its prompts, or (mask prompts) one prompt alone
         groups: list[tuple[int, list[int]]] = []
         if masks is None:
@@ -335,9 +366,11 @@ def slice_predictor(module: Any, volume: PreparedVolume, batch_size: int = 8, ca
         out: list[SliceOutput | None] = [None] * len(prompts)
         for start in range(0, len(groups), batch_size):
             chunk = groups[start : start + batch_size]
-            kinds = {prompts[members[0]].ndim for _, members in chunk}
+            kinds = {prompts[i].kind for _, members in chunk for i in members}
             assert len(kinds) == 1, "one kind of prompt per call"
-            samples = [sample(k, [prompts[i] for i in members]) for k, members in chunk]
+            longest = max(len(prompts[i].points) if prompts[i].points is not None else 0
+                          for _, members in chunk for i in members)  # fmt: skip
+            samples = [sample(k, [prompts[i] for i in members], longest) for k, members in chunk]
             batch = collate(samples)
             if masks is not None:
                 batch["input_masks"] = _mask_inputs([masks[members[0]] for _, members in chunk])
@@ -410,7 +443,9 @@ def score_case(
     ``(S, H, W)`` label volume and one row per class (``class_index``, :data:`VOLUME_SCORES`; NaN where a
     score is left out). With ``choosing`` (a validation under ``box2d`` with ``choose_stop``) objects are
     followed as far as the loosest rule of :data:`~segtune.propagation.STOP_GRID` goes, and a row also holds
-    ``stop_counts`` (what each rule would score) and ``target_voxels``, for the choice."""
+    ``stop_counts`` (what each rule would score) and ``target_voxels``, for the choice. With the module's
+    ``clicks`` rounds (box propagation), each row also holds the scores after each click
+    (:func:`volume_score_names`; :mod:`segtune.volume_clicks`)."""
     volume: PreparedVolume = item["volume"]
     values: list[int] = item["values"]
     options: VolumeOptions = item["options"]
@@ -421,11 +456,31 @@ def score_case(
     prompts = [object_prompt(mask, scoring.prompt) for _, mask in found]
     stop = stop_rule(module)
     choosing = choosing and scoring.chooses_stop
-    followed = follow(
-        module, volume, predict, prompts, scoring, stop, loosest([stop, *STOP_GRID]) if choosing else None
-    )
-    predicted = paint([(cls, f.mask) for (cls, _), f in zip(found, followed, strict=True)], values, label.shape)
-    volume_scores = class_scores(predicted, label, values, volume.spacing, scoring.tolerance_mm, empty_target)
+    follow_rule = loosest([stop, *STOP_GRID]) if choosing else None
+    rounds = int(getattr(module, "clicks", 0) or 0)
+    if rounds and scoring.propagation != "box":
+        raise ValueError(MEMORY_CLICKS)
+    if rounds:  # each object alone, the box and logits of its slices kept for the click rounds
+        protocol = box_protocol(module, volume, scoring, stop, follow_rule)
+        followed, clicked = follow_each(protocol, predict, tuple(label.shape), found, prompts)  # type: ignore[arg-type]
+    else:
+        followed = follow(module, volume, predict, prompts, scoring, stop, follow_rule)
+
+    def score(objects: Sequence[tuple[int, np.ndarray]]) -> tuple[np.ndarray, dict[int, dict[str, float]]]:
+        painted = paint(objects, values, label.shape)
+        return painted, class_scores(painted, label, values, volume.spacing, scoring.tolerance_mm, empty_target)
+
+    predicted, volume_scores = score([(cls, f.mask) for (cls, _), f in zip(found, followed, strict=True)])
+    clicks: dict[int, dict[str, float]] = {}
+    if rounds:
+        allowed = getattr(getattr(module, "sanitise", None), "allowed", None)  # a model without input_masks
+        click_options = module.click_scoring
+        curves = volume_click_curves(
+            protocol, predict, clicked, label, values, rounds, click_options, score, (predicted, volume_scores),
+            int(item["index"]), click_options.mask_input and (allowed is None or "input_masks" in allowed),
+            tuple(volume.spacing),
+        )  # fmt: skip
+        clicks = curve_rows(curves, range(len(values)), rounds)
     slice_means, ceiling = (
         _slice_scores(predict, label, values, options, empty_target) if scoring.slice_scores else ({}, None)
     )
@@ -440,6 +495,7 @@ def score_case(
         row.update({"ceiling_dice": ceiling_row["dice"], "ceiling_nsd": ceiling_row["nsd"]})
         row.update(slice_means.get(cls, {"slice_dice": math.nan, "box_dice": math.nan}))
         row.update(range_errors(predicted == values[cls], label == values[cls]))
+        row.update(clicks.get(cls, {}))
         if choosing:
             target = label == values[cls]
             counts = [stop_counts(f, target) for (c, _), f in zip(found, followed, strict=True) if c == cls]
@@ -569,14 +625,16 @@ def choose_stop_on(module: Any, batches: Iterable[dict[str, Any]]) -> StopRule |
     return choice.finish()
 
 
-def update_case_metrics(metrics: Any, cases: Sequence[ScoredCase], empty: Any = None) -> None:
-    """Add scored cases to a stage's metrics (:func:`segtune.metrics.segmentation_metrics` of
-    :data:`VOLUME_SCORES`) and, when given, its :class:`~segtune.metrics.EmptyPredictions`."""
+def update_case_metrics(
+    metrics: Any, cases: Sequence[ScoredCase], empty: Any = None, scores: Sequence[str] = VOLUME_SCORES
+) -> None:
+    """Add scored cases to a stage's metrics (:func:`segtune.metrics.segmentation_metrics` of ``scores``,
+    :func:`volume_score_names`) and, when given, its :class:`~segtune.metrics.EmptyPredictions`."""
     for case in cases:
         if not case.rows:
             continue
         classes = torch.tensor([r["class_index"] for r in case.rows])
-        metrics.update({name: torch.tensor([r[name] for r in case.rows]) for name in VOLUME_SCORES}, classes)
+        metrics.update({name: torch.tensor([r[name] for r in case.rows]) for name in scores}, classes)
         if empty is not None:
             class_values = [case.item["values"][c] for c in classes.tolist()]
             empty.update(
@@ -585,9 +643,11 @@ def update_case_metrics(metrics: Any, cases: Sequence[ScoredCase], empty: Any = 
             )
 
 
-def case_report_rows(cases: Sequence[ScoredCase], class_names: Sequence[str]) -> list[dict[str, Any]]:
+def case_report_rows(
+    cases: Sequence[ScoredCase], class_names: Sequence[str], scores: Sequence[str] = VOLUME_SCORES
+) -> list[dict[str, Any]]:
     """The report rows of scored cases, one per case and class: ``image_id`` (the case's index), ``file_name``
-    (its name), ``instance`` (the class index), ``class`` and :data:`VOLUME_SCORES` (``None`` where left out),
+    (its name), ``instance`` (the class index), ``class`` and ``scores`` (``None`` where left out),
     as the test report writes them and :func:`segtune.paired.paired_rows` pairs them."""
     rows = []
     for case in cases:
@@ -596,7 +656,7 @@ def case_report_rows(cases: Sequence[ScoredCase], class_names: Sequence[str]) ->
             rows.append({
                 "image_id": int(case.item["index"]), "file_name": volume.case.name, "instance": int(r["class_index"]),
                 "class": _name(class_names, r["class_index"]),
-                **{name: None if math.isnan(r[name]) else float(r[name]) for name in VOLUME_SCORES},
+                **{name: None if math.isnan(r[name]) else float(r[name]) for name in scores},
             })  # fmt: skip
     return rows
 
@@ -611,8 +671,9 @@ def evaluate_volumes(module: Any, batch: dict[str, Any], stage: str) -> dict[str
     if stage == "val" and hasattr(module, "stop_choice"):  # box2d: evidence for the stop rule
         for case in cases:
             module.stop_choice.add(case.rows)
-    update_case_metrics(getattr(module, f"{stage}_metrics"), cases, getattr(module, f"{stage}_empty"))
-    return {"report_rows": case_report_rows(cases, module.class_names), "report_scores": VOLUME_SCORES,
+    names = volume_score_names(getattr(module, "clicks", 0))
+    update_case_metrics(getattr(module, f"{stage}_metrics"), cases, getattr(module, f"{stage}_empty"), names)
+    return {"report_rows": case_report_rows(cases, module.class_names, names), "report_scores": names,
             "report_unit": "case"}  # fmt: skip
 
 
@@ -632,7 +693,8 @@ class VolumePrediction:
 def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction]:
     """``segtune predict`` on cases with given prompts: each object followed from its prompted slice, by
     ``box3d`` inside its slice range when its prompt gives one (``"slices": [first, last]``), else by
-    ``box2d`` with the stop rule in force."""
+    ``box2d`` with the stop rule in force. An object given a box with points has its prompted slice predicted
+    from them together (:class:`~segtune.slice_prompts.ObjectPredictor`), then is followed by its box as any."""
     out = []
     scoring: VolumeScoring = module.volume_scoring
     for item in batch["volumes"]:
@@ -654,8 +716,22 @@ def predict_volumes(module: Any, batch: dict[str, Any]) -> list[VolumePrediction
                              tuple(p["slices"]) if p.get("slices") is not None else None)
                 for p in group
             ]  # fmt: skip
-            followed = follow(module, volume, predict, given, replace(scoring, prompt=protocol), stop_rule(module))
-            objects += [(values.index(p["label"]), f.mask) for p, f in zip(group, followed, strict=True)]
+            chosen = replace(scoring, prompt=protocol)
+            # a box with points: that object followed alone, its points beside the box on their slice
+            both = [i for i, p in enumerate(group) if p["box"] is not None and p["points"] is not None]
+            if both and scoring.propagation != "box":
+                raise ValueError(
+                    f"{volume.case.image}: a prompt with a box and points together is followed by boxes; "
+                    "volume_scoring.propagation: memory takes a box or points: set volume_scoring.propagation: box"
+                )
+            alone = [i for i in range(len(group)) if i not in both]
+            followed = dict(zip(alone, follow(module, volume, predict, [given[i] for i in alone], chosen,
+                                              stop_rule(module)), strict=True))  # fmt: skip
+            for i in both:
+                points = {group[i]["slice"]: np.asarray(group[i]["points"], np.float32)}
+                (followed[i],) = follow(module, volume, ObjectPredictor(predict, points), [given[i]], chosen,
+                                        stop_rule(module))  # fmt: skip
+            objects += [(values.index(p["label"]), followed[i].mask) for i, p in enumerate(group)]
         painted = paint(objects, values, shape)
         out.append(VolumePrediction(volume, volume.to_original(painted), painted))
     return out

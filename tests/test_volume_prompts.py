@@ -75,7 +75,7 @@ BAD_ENTRIES = {
     "point not a triple": (entry(box=None, points=[[10, 12]]), '"points" is not a list of [x, y, label] points'),
     "NaN point": (entry(box=None, points=[[NAN, 12, 1]]), "has a coordinate that is not a finite number"),
     "point outside the slice": (entry(box=None, points=[[10, 45, 1]]), "point [10, 45] lies outside the 48x40 slice"),
-    "box and points": (entry(points=[[10, 12, 1]]), 'has both "box" and "points"'),
+    "point beside a box outside the slice": (entry(points=[[10, 45, 1]]), "point [10, 45] lies outside the 48x40"),
     "neither box nor points": (entry(box=None), 'has neither "box" nor "points"'),
     "misspelt key": (entry(slice_range=[2, 4]), "has the key 'slice_range'; an entry holds 'slice', 'box'"),
     "not an object": ([3, 8, 6, 40, 30], 'is not {"slice": k, "box": [x0, y0, x1, y1], "label": v}'),
@@ -133,13 +133,14 @@ def test_keys_naming_no_volume_beside_others_are_listed_in_one_warning(tmp_path:
 
 
 def test_a_valid_json_reads_as_before(tmp_path: Path) -> None:
-    """Box, points and slice ranges, keyed by file name or case name, integral floats as numpy writes them:
-    what predict reads is what it read before the checks."""
+    """Box, points, both together and slice ranges, keyed by file name or case name, integral floats as numpy
+    writes them: what predict reads is what it read before the checks."""
     folder = scans(tmp_path / "scans", ("scan_7.nii.gz", "Scan_9.nrrd"))
     data = {
         "scan_7.nii.gz": [
             {"slice": 3, "box": [8, 6, 48, 40], "label": 2},  # the far corner on the slice's edge
             {"slice": 2.0, "points": [[10, 12, 1], [30.5, 20, 0]], "slices": [0, 5]},
+            {"slice": 4, "box": [8, 6, 40, 30], "points": [[20, 12, 1], [9, 7, 0]]},  # a box with its points
         ],
         "scan_9": {"slice": 5, "box": [0, 0, 1.5, 2], "slices": [5, 5], "label": 1.0},  # one object, no list
     }
@@ -147,6 +148,8 @@ def test_a_valid_json_reads_as_before(tmp_path: Path) -> None:
         "scan_7": [
             {"slice": 3, "box": [8.0, 6.0, 48.0, 40.0], "points": None, "label": 2, "slices": None},
             {"slice": 2, "box": None, "points": [[10.0, 12.0, 1.0], [30.5, 20.0, 0.0]], "label": 1, "slices": [0, 5]},
+            {"slice": 4, "box": [8.0, 6.0, 40.0, 30.0], "points": [[20.0, 12.0, 1.0], [9.0, 7.0, 0.0]], "label": 1,
+             "slices": None},
         ],
         "scan_9": [{"slice": 5, "box": [0.0, 0.0, 1.5, 2.0], "points": None, "label": 1, "slices": [5, 5]}],
     }  # fmt: skip

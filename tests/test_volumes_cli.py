@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -46,12 +47,18 @@ def test_fit_test_and_predict_volumes_from_the_shipped_config(hippocampus: Path,
                   "--trainer.limit_val_batches", "0")  # fmt: skip
     best = run / "runs/volumes_hippocampus/version_0/checkpoints/last.ckpt"
     capsys.readouterr()
-    run_cli("test", *tiny, "--ckpt_path", best)
+    # with 2 corrective 3D clicks per class after propagation (issue 32): volume Dice and NSD after each
+    run_cli("test", *tiny, "--ckpt_path", best, "--model.init_args.clicks", "2")
     printed = capsys.readouterr().out
     assert "nsd" in printed and "slice dice" in printed and "Anterior" in printed and "Posterior" in printed
+    assert "Dice after" in printed and "2 clicks" in printed and "NSD: all" in printed
     report = json.loads((run / "runs/volumes_hippocampus/version_1/test_metrics.json").read_text())
     assert report["unit"] == "case" and set(report["per_class"]) == {"Anterior", "Posterior"}
-    assert len(report["per_case"]) == 1 and (run / "runs/volumes_hippocampus/version_1/test_per_case.csv").is_file()
+    assert len(report["clicks"]["dice_curve"]["overall"]) == 3 and len(report["clicks"]["nsd_curve"]["Anterior"]) == 3
+    assert report["clicks"]["dice_curve"]["overall"][0] == report["overall"]["dice"]
+    with open(run / "runs/volumes_hippocampus/version_1/test_per_case.csv") as f:
+        assert {"dice_click_2", "nsd_click_2", "noc_90", "click_auc"} <= set(next(csv.DictReader(f)))
+    assert len(report["per_case"]) == 1
     # predict: one box per object on one slice -> a label volume a viewer overlays on its scan
     source = hippocampus / "imagesTr" / "hippocampus_044.nii.gz"
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(hippocampus / "labelsTr" / "hippocampus_044.nii.gz")))
@@ -59,7 +66,9 @@ def test_fit_test_and_predict_volumes_from_the_shipped_config(hippocampus: Path,
     rows, cols = np.flatnonzero((label[k] == 1).any(1)), np.flatnonzero((label[k] == 1).any(0))
     prompts = run / "prompts.json"
     box = [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
-    prompts.write_text(json.dumps({"hippocampus_044.nii.gz": [{"slice": k, "box": box, "label": 1}]}))
+    # a box with a positive and a negative point for the object on that slice (issue 32, point 5)
+    points = [[float(cols[len(cols) // 2]) + 0.5, float(rows[len(rows) // 2]) + 0.5, 1], [0.5, 0.5, 0]]
+    prompts.write_text(json.dumps({"hippocampus_044.nii.gz": [{"slice": k, "box": box, "label": 1, "points": points}]}))
     (run / "scans").mkdir()
     (run / "scans" / source.name).symlink_to(source)
     run_cli("predict", *tiny, "--ckpt_path", best, "--data.init_args.predict_images", run / "scans",

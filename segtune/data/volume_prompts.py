@@ -2,7 +2,10 @@
 
 The json maps a case (its name or its image file's name) to its objects' prompts, one entry per object on
 one slice: ``{"case.nii.gz": [{"slice": 17, "box": [x0, y0, x1, y1], "label": 1, "slices": [12, 20]},
-...]}``, or ``"points": [[x, y, 1], ...]`` instead of the box. ``slice`` counts along the slice axis
+...]}``, or ``"points": [[x, y, 1], ...]`` instead of the box, or both: a box with positive (1) and negative
+(0) points prompts that slice of the object together, as a user refining a mask gives them (the 2D objects
+json of :mod:`segtune.data.boxes` does the same), and the object is followed from there by its box.
+``slice`` counts along the slice axis
 (``data.init_args.volumes.axis``) and ``x``, ``y`` are the column and the row of that slice as the model
 sees it (the volume's array with the slice axis moved first, the other two axes in their order).
 
@@ -30,7 +33,10 @@ log = logging.getLogger(__name__)
 #: The keys a prompt entry may hold (anything else is most likely a misspelt ``slices``, silently box2d).
 ENTRY_KEYS = ("slice", "box", "points", "label", "slices")
 #: What an entry looks like, for messages about its form.
-ENTRY_FORM = '{"slice": k, "box": [x0, y0, x1, y1], "label": v} (or "points": [[x, y, 1], ...] for "box")'
+ENTRY_FORM = (
+    '{"slice": k, "box": [x0, y0, x1, y1], "label": v} (with "points": [[x, y, 1], ...] beside the box, or '
+    "instead of it)"
+)
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,8 @@ def _parse(entry: Any, class_values: list[int]) -> dict[str, Any]:
             f'"label" {label!r} is not a class: the label must be one of the class values {classes} (dataset.json '
             "or data.init_args.categories)"
         )
-    if ("box" in entry) == ("points" in entry):
-        given = 'both "box" and' if "box" in entry else 'neither "box" nor'
-        raise _Refused(f'has {given} "points": an entry is {ENTRY_FORM}')
+    if "box" not in entry and "points" not in entry:
+        raise _Refused(f'has neither "box" nor "points": an entry is {ENTRY_FORM}')
     box = _box(entry["box"]) if "box" in entry else None
     points = _points(entry["points"]) if "points" in entry else None
     span = entry.get("slices")

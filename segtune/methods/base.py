@@ -42,7 +42,7 @@ from segtune.preprocessing import Preprocessing
 from segtune.propagation import StopRule
 from segtune.reports import IMAGE_SCORES, instance_rows
 from segtune.volume_scoring import (
-    VOLUME_SCORES,
+    MEMORY_CLICKS,
     StopChoice,
     VolumeScoring,
     case_report_rows,
@@ -52,6 +52,7 @@ from segtune.volume_scoring import (
     predict_volumes,
     score_cases,
     update_case_metrics,
+    volume_score_names,
 )
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,13 @@ class SegmentationModule(LightningModule):
             given without ``data.predict_prompts`` (see :class:`segtune.amg.AutoMaskConfig`).
         volume_scoring: how volumetric data (``layout: volumes``) are scored and predicted: box or
             (SAM2 family) memory propagation, NSD tolerance (see :class:`segtune.volume_scoring.VolumeScoring`).
-        clicks: corrective click rounds in validation and test (2D images; 0: none, as before). Each
+        clicks: corrective click rounds in validation and test (0: none, as before). Each
             instance starts from its first prompt; each round adds a click where its mask is wrong and calls
             the model with the first prompt, every click so far and the previous mask logits. Dice and IoU
             after each click, the curve's AUC, gain and NoC@85/90 are logged and reported
-            (:mod:`segtune.click_rounds`, :mod:`segtune.click_scores`).
+            (:mod:`segtune.click_rounds`, :mod:`segtune.click_scores`). Volumes: one 3D click per class and
+            round, its slice predicted again and propagated from; volume Dice and NSD after each click
+            (:mod:`segtune.volume_clicks`; box propagation only).
         click_scoring: where clicks go and whether the previous mask is fed back
             (:class:`segtune.click_rounds.ClickScoring`).
     """
@@ -212,12 +215,11 @@ class SegmentationModule(LightningModule):
         self.click_training = getattr(getattr(datamodule, "prompts", None), "clicks", None) or ClickTraining()
         # volumes are scored per case and class (segtune.volume_scoring), images per instance
         volumetric = bool(getattr(datamodule, "volumetric", False))
-        if volumetric and self.clicks:
-            raise ValueError(
-                "model.init_args.clicks scores 2D images; volumes (layout: volumes) are not scored with clicks yet: "
-                "set model.init_args.clicks: 0"
-            )
-        self.evaluation_scores = VOLUME_SCORES if volumetric else (*SCORES, *click_score_names(self.clicks))
+        if volumetric and self.clicks and self.volume_scoring.propagation != "box":
+            raise ValueError(MEMORY_CLICKS)
+        self.evaluation_scores = (
+            volume_score_names(self.clicks) if volumetric else (*SCORES, *click_score_names(self.clicks))
+        )
         self.evaluation_unit = "case" if volumetric else "image"
         self.val_metrics = self.evaluation_metrics("val_")
         self.test_metrics = self.evaluation_metrics("test_")
@@ -327,9 +329,10 @@ class SegmentationModule(LightningModule):
         """
         if "volumes" in batch:
             cases = score_cases(self, batch)
+            names = volume_score_names(self.clicks)
             if metrics is not None:
-                update_case_metrics(metrics, cases)
-            return case_report_rows(cases, self.class_names)
+                update_case_metrics(metrics, cases, scores=names)
+            return case_report_rows(cases, self.class_names, names)
         _, predicted, scores = self.score(batch)
         if metrics is not None:
             for i, image_scores in enumerate(scores):

@@ -106,8 +106,9 @@ class VolumeScoring:
         stop: ``box2d``: the predicted IoU, the overlap with the previous slice's mask and the mask's area
             against the prompted slice's mask a slice needs to be kept
             (:class:`segtune.propagation.StopRule`); used as it is with ``choose_stop: false``.
-        choose_stop: ``box2d``: choose ``stop`` on the validation volumes at every validation (the best
-            mean volume Dice over :data:`segtune.propagation.STOP_GRID`); the choice is logged
+        choose_stop: ``box2d``: choose ``stop`` on the validation volumes at every validation (among the
+            rules of :data:`segtune.propagation.STOP_GRID` within ``STOP_TOLERANCE`` mean volume Dice of the
+            best, the one with the fewest slices outside the objects' ranges); the choice is logged
             (``val_stop_min_score``, ``val_stop_min_overlap``, ``val_stop_min_area``), kept in the
             checkpoint and used by ``segtune test`` of that checkpoint. Never chosen on the test split.
         mask_prompt: also give the previous slice's low-resolution mask logits as a mask prompt
@@ -514,11 +515,11 @@ def stop_rule(module: Any) -> StopRule:
 
 class StopChoice:
     """``box2d``'s stop rule chosen on the validation volumes: the evidence of one validation (each (case,
-    class) row's ``stop_counts``), then the :data:`~segtune.propagation.STOP_GRID` rule with the best mean
-    volume Dice (:func:`~segtune.propagation.choose_stop`)."""
+    class) row's ``stop_counts``), then the :data:`~segtune.propagation.STOP_GRID` rule that
+    :func:`~segtune.propagation.choose_stop` takes (near the best mean volume Dice, the fewest slices outside)."""
 
     def __init__(self) -> None:
-        self.rows: list[dict[StopRule, tuple[float, float]]] = []
+        self.rows: list[dict[StopRule, tuple[float, ...]]] = []
         self.targets: list[float] = []
 
     def add(self, rows: Sequence[dict[str, Any]]) -> None:

@@ -272,6 +272,12 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def slice_range(mask: np.ndarray) -> tuple[int, int]:
+    """The first and last slice of a ``(S, H, W)`` object."""
+    present = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+    return int(present[0]), int(present[-1])
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a ``(S, H, W)`` bool volume."""
     if not mask.any():
@@ -433,8 +439,7 @@ def stop_counts(followed: Followed, target: np.ndarray) -> dict[StopRule, tuple[
     predicted voxels, slices predicted outside ``target``'s slice range). Counted per slice once, then summed per
     rule (no mask is copied)."""
     full = followed.followed
-    truth = np.flatnonzero(target.reshape(len(target), -1).any(axis=1))
-    first, last = (int(truth[0]), int(truth[-1])) if len(truth) else (0, -1)
+    first, last = slice_range(target) if target.any() else (0, -1)
     counted = {s.slice: (float(np.logical_and(full[s.slice], target[s.slice]).sum()), float(full[s.slice].sum()),
                          float(full[s.slice].any() and not first <= s.slice <= last))
                for s in followed.steps}  # fmt: skip

@@ -58,6 +58,7 @@ from segtune.propagation import (
     is_number,
     largest_component,
     loosest,
+    slice_range,
     stop_counts,
 )
 from segtune.slice_prompts import ObjectPredictor, SlicePrompt
@@ -180,12 +181,6 @@ def volume_objects(label: np.ndarray, values: Sequence[int], options: VolumeOpti
         sizes = np.bincount(parts.ravel())
         objects += [(cls, parts == c) for c in range(1, count + 1) if sizes[c] >= options.min_area]
     return objects
-
-
-def slice_range(mask: np.ndarray) -> tuple[int, int]:
-    """The first and last slice of a ``(S, H, W)`` object."""
-    present = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
-    return int(present[0]), int(present[-1])
 
 
 def middle_slice(mask: np.ndarray) -> int:
